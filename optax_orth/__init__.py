@@ -1,0 +1,68 @@
+"""optax_orth: orthogonalized-momentum optimizers as composable Optax blocks."""
+
+from optax_orth.aliases import muon, namo, namo_d, normuon
+from optax_orth.orthogonalizers import (
+    PRESETS,
+    NewtonSchulzPreset,
+    Orthogonalizer,
+    make_newton_schulz,
+    newton_schulz,
+    polar_svd,
+)
+from optax_orth.routing import (
+    DEFAULT_ADAM_PATTERNS,
+    MatrixLayout,
+    MuonDimensionNumbers,
+    label_tree,
+    matrix_layout,
+    route_by_path,
+    routing_table,
+)
+from optax_orth.transforms import (
+    MatrixUpdate,
+    OrthogonalizeMomentumState,
+    ScaleByCappedStepState,
+    ScaleByNeuronRmsState,
+    ScaleByNormAdaptiveState,
+    clamp_diagonal,
+    orthogonalize_momentum,
+    scale_by_capped_step,
+    scale_by_neuron_rms,
+    scale_by_norm_adaptive,
+    scale_by_shape,
+    shape_scale,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ADAM_PATTERNS",
+    "PRESETS",
+    "MatrixLayout",
+    "MatrixUpdate",
+    "MuonDimensionNumbers",
+    "NewtonSchulzPreset",
+    "OrthogonalizeMomentumState",
+    "Orthogonalizer",
+    "ScaleByCappedStepState",
+    "ScaleByNeuronRmsState",
+    "ScaleByNormAdaptiveState",
+    "clamp_diagonal",
+    "label_tree",
+    "make_newton_schulz",
+    "matrix_layout",
+    "muon",
+    "namo",
+    "namo_d",
+    "newton_schulz",
+    "normuon",
+    "orthogonalize_momentum",
+    "polar_svd",
+    "route_by_path",
+    "routing_table",
+    "scale_by_capped_step",
+    "scale_by_neuron_rms",
+    "scale_by_norm_adaptive",
+    "scale_by_shape",
+    "shape_scale",
+]

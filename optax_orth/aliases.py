@@ -1,0 +1,489 @@
+"""Optimizers: short compositions of the public blocks.
+
+Each alias is an ``optax.partition`` of an orthogonal branch (a chain of
+blocks from :mod:`optax_orth.transforms`) for the matrices and an AdamW
+fallback for everything else (embeddings, head, biases, norm scales).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import numpy as np
+import optax
+
+from optax_orth import orthogonalizers as orth_lib
+from optax_orth import transforms
+from optax_orth.routing import DimensionNumbersSpec, label_tree, route_by_path
+
+
+def _partition(
+    orthogonal: optax.GradientTransformation,
+    adam: optax.GradientTransformation,
+    spec: DimensionNumbersSpec,
+) -> optax.GradientTransformation:
+  return optax.partition(
+      {"orthogonal": orthogonal, "adam": adam},
+      lambda params: label_tree(params, spec),
+  )
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    ns_coeffs: orth_lib.CoeffsLike = (3.4445, -4.7750, 2.0315),
+    ns_steps: int = 5,
+    beta: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = True,
+    adaptive: bool = False,
+    preconditioning: orth_lib.Preconditioning = "frobenius",
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_eps_root: float = 0.0,
+    adam_weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    muon_weight_dimension_numbers: DimensionNumbersSpec = None,
+    consistent_rms: float | None = None,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    orthogonalizer: orth_lib.Orthogonalizer | None = None,
+) -> optax.GradientTransformation:
+  r"""Muon: momentum orthogonalized by Newton–Schulz; a drop-in for optax's.
+
+  Takes the arguments of ``optax.contrib.muon`` and, with the same arguments,
+  gives the same updates. The matrices get
+
+  .. math::
+    U = -\eta\,\left(\mathrm{shape}(K)\,
+        \mathrm{NS}(\hat{\tilde M}_t) + \lambda K\right)
+
+  with optax's bias-corrected (Nesterov) momentum, and every other leaf AdamW
+  (``adam_*``; by default with Muon's ``eps``, ``mu_dtype`` and
+  ``nesterov``, as optax does). Composition::
+
+    partition(orthogonal=chain(orthogonalize_momentum(bias_correction=True),
+                               scale_by_shape, add_decayed_weights,
+                               scale_by_learning_rate),
+              adam=adamw)
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    ns_coeffs: a preset name (``"standard"``, ``"dion"``,
+      ``"polar_express"``), a row ``(a, b, c)`` or ``(n, 3)`` rows (which must
+      not outnumber ``ns_steps``, as in optax).
+    ns_steps: Newton–Schulz steps for a single row.
+    beta: momentum decay.
+    eps: Newton–Schulz epsilon, also Adam's.
+    weight_decay: decoupled weight decay of the matrices (times ``lr``).
+    weight_decay_mask: mask (or callable) for that decay, as in optax.
+    mu_dtype: momentum dtype.
+    nesterov: Nesterov momentum (both branches).
+    adaptive: scale by the dual norm ``<Mt, O>``.
+    preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"``,
+      ``"schatten"``.
+    adam_b1: Adam's ``b1``.
+    adam_b2: Adam's ``b2``.
+    adam_eps_root: Adam's ``eps_root``.
+    adam_weight_decay: Adam's weight decay.
+    adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
+    muon_weight_dimension_numbers: a dimension-numbers spec; ``None``: every
+      2-D leaf is a matrix (embeddings included, as in optax). See
+      :func:`optax_orth.route_by_path` to send embeddings and the head to Adam.
+    consistent_rms: ``None`` for width scaling, or the target RMS.
+    ns_dtype: Newton–Schulz compute dtype (``None``: the momentum's).
+    orthogonalizer: replaces Newton–Schulz, see
+      :func:`optax_orth.orthogonalize_momentum`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+    <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025.
+  """
+  steps: int | None = ns_steps
+  if not isinstance(ns_coeffs, str) and np.ndim(ns_coeffs) == 2:
+    if np.shape(ns_coeffs)[0] > ns_steps:
+      raise ValueError(
+          f"ns_coeffs has {np.shape(ns_coeffs)[0]} rows, more than ns_steps="
+          f"{ns_steps}."
+      )
+    steps = None  # As optax: every row runs once.
+  elif isinstance(ns_coeffs, str) and len(orth_lib.PRESETS.get(ns_coeffs, ((),)).coeffs) > 1:
+    steps = None
+  spec = muon_weight_dimension_numbers
+  orthogonal = optax.chain(
+      transforms.orthogonalize_momentum(
+          beta,
+          nesterov=nesterov,
+          bias_correction=True,
+          mu_dtype=mu_dtype,
+          ns_coeffs=ns_coeffs,
+          ns_steps=steps,
+          eps=eps,
+          ns_dtype=ns_dtype,
+          preconditioning=preconditioning,
+          orthogonalizer=orthogonalizer,
+          adaptive=adaptive,
+          weight_dimension_numbers=spec,
+      ),
+      transforms.scale_by_shape(spec, consistent_rms),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+  adam = optax.adamw(
+      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1,
+      b2=adam_b2,
+      eps=eps,
+      eps_root=adam_eps_root,
+      weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype,
+      nesterov=nesterov,
+  )
+  return _partition(orthogonal, adam, spec)
+
+
+def _namo_family(
+    learning_rate,
+    granularity,
+    clamp,
+    *,
+    b1,
+    b2,
+    eps,
+    weight_decay,
+    weight_decay_mode,
+    nesterov,
+    scale_coeff,
+    ns_coeffs,
+    ns_steps,
+    ns_eps,
+    ns_dtype,
+    mu_dtype,
+    weight_dimension_numbers,
+    adam_learning_rate,
+    adam_b1,
+    adam_b2,
+    adam_eps,
+    adam_weight_decay,
+):
+  spec = weight_dimension_numbers
+  blocks = [
+      transforms.orthogonalize_momentum(
+          b1,
+          nesterov=nesterov,
+          mu_dtype=mu_dtype,
+          ns_coeffs=ns_coeffs,
+          ns_steps=ns_steps,
+          eps=ns_eps,
+          ns_dtype=ns_dtype,
+          statistics=True,
+          weight_dimension_numbers=spec,
+      ),
+      transforms.scale_by_norm_adaptive(
+          b1, b2, eps, granularity=granularity, weight_dimension_numbers=spec
+      ),
+  ]
+  if clamp is not None:
+    blocks.append(transforms.clamp_diagonal(clamp))
+  blocks.append(
+      transforms.scale_by_capped_step(
+          learning_rate,
+          scale_coeff=scale_coeff,
+          weight_decay=weight_decay,
+          weight_decay_mode=weight_decay_mode,
+          weight_dimension_numbers=spec,
+      )
+  )
+  adam = optax.adamw(
+      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1,
+      b2=adam_b2,
+      eps=adam_eps,
+      weight_decay=adam_weight_decay,
+  )
+  return _partition(optax.chain(*blocks), adam, spec)
+
+
+_DEFAULT_ROUTING = route_by_path()
+
+
+def namo(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    *,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+    nesterov: bool = True,
+    scale_coeff: float = 0.2,
+    ns_coeffs: orth_lib.CoeffsLike = "standard",
+    ns_steps: int | None = 5,
+    ns_eps: float = 1e-7,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  r"""NAMO: orthogonalized momentum with one adaptive step size per matrix.
+
+  For each matrix ``K`` (``G`` its gradient, ``O = NS(Mt)``):
+
+  .. math::
+    v_t = b_2 v_{t-1} + (1 - b_2)\|G_t\|_F^2, \quad
+    \alpha_t = \eta_t \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}
+      \frac{\|\tilde M_t\|_F}{\sqrt{v_t} + \epsilon},
+
+    K \leftarrow K (1 - \lambda \min(\alpha_t, 1))
+      - \min(\alpha_t\, s, 1)\, O_t, \quad
+    s = \text{scale\_coeff} \sqrt{\max(\text{fan\_in}, \text{fan\_out})}.
+
+  Composition::
+
+    partition(orthogonal=chain(orthogonalize_momentum(statistics=True),
+                               scale_by_norm_adaptive("matrix"),
+                               scale_by_capped_step),
+              adam=adamw)
+
+  Defaults are those of the authors' released code. ``weight_decay_mode=
+  "decoupled"`` replaces the decay by the standard ``lr * lambda``.
+
+  Args:
+    learning_rate: a float or an optax schedule (reference ``1e-2``).
+    b1: momentum decay.
+    b2: decay of the squared gradient-norm EMA.
+    eps: added to ``sqrt(v)``.
+    weight_decay: ``lambda``.
+    weight_decay_mode: ``"adaptive"`` (reference) or ``"decoupled"``.
+    nesterov: Nesterov momentum.
+    scale_coeff: the shape coefficient of ``s``.
+    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
+    ns_steps: Newton–Schulz steps.
+    ns_eps: Newton–Schulz normalization epsilon (``1e-7``, the reference's).
+    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
+    mu_dtype: momentum dtype.
+    weight_dimension_numbers: a dimension-numbers spec; the default,
+      :func:`optax_orth.route_by_path`, sends embeddings, the head and
+      vectors to Adam and every other 2-D leaf to NAMO.
+    adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
+    adam_b1: Adam's ``b1``.
+    adam_b2: Adam's ``b2``.
+    adam_eps: Adam's ``eps``.
+    adam_weight_decay: Adam's weight decay.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026;
+    released code ``minxin-zhg/namo``.
+  """
+  return _namo_family(
+      learning_rate, "matrix", None, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+      nesterov=nesterov, scale_coeff=scale_coeff, ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
+      weight_dimension_numbers=weight_dimension_numbers,
+      adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+  )  # fmt: skip
+
+
+def namo_d(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    *,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+    nesterov: bool = True,
+    scale_coeff: float = 0.2,
+    clamp: float = 0.75,
+    ns_coeffs: orth_lib.CoeffsLike = "standard",
+    ns_steps: int | None = 5,
+    ns_eps: float = 1e-7,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  r"""NAMO-D: NAMO with a clamped diagonal step size per input feature.
+
+  As :func:`namo`, with the second moment and step size per input feature
+  ``i`` (a row of the Flax kernel, a column of PyTorch's weight):
+
+  .. math::
+    V_i \leftarrow b_2 V_i + (1 - b_2)\|G_{i,:}\|^2, \quad
+    d_i = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}
+      \frac{\|\tilde M_{i,:}\|}{\sqrt{V_i} + \epsilon},
+    \quad d_i \leftarrow \mathrm{clip}(d_i, c\,\bar d, \bar d / c),
+
+  then ``K[i, :]`` is updated as in NAMO with ``alpha_i = lr * d_i``; that is
+  ``O diag(d)`` in PyTorch's layout. Composition::
+
+    partition(orthogonal=chain(orthogonalize_momentum(statistics=True),
+                               scale_by_norm_adaptive("input_feature"),
+                               clamp_diagonal(clamp),
+                               scale_by_capped_step),
+              adam=adamw)
+
+  Args:
+    learning_rate: a float or an optax schedule (reference ``1e-2``).
+    b1: momentum decay.
+    b2: decay of the squared-norm EMAs.
+    eps: added to ``sqrt(V_i)``.
+    weight_decay: ``lambda``.
+    weight_decay_mode: ``"adaptive"`` (reference) or ``"decoupled"``.
+    nesterov: Nesterov momentum.
+    scale_coeff: the shape coefficient.
+    clamp: ``c``; ``0`` or ``> 1`` disables the clamp (reference ``0.75``).
+    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
+    ns_steps: Newton–Schulz steps.
+    ns_eps: Newton–Schulz normalization epsilon.
+    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
+    mu_dtype: momentum dtype.
+    weight_dimension_numbers: a dimension-numbers spec (default
+      :func:`optax_orth.route_by_path`).
+    adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
+    adam_b1: Adam's ``b1``.
+    adam_b2: Adam's ``b2``.
+    adam_eps: Adam's ``eps``.
+    adam_weight_decay: Adam's weight decay.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026;
+    released code ``minxin-zhg/namo``.
+  """
+  return _namo_family(
+      learning_rate, "input_feature", clamp, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+      nesterov=nesterov, scale_coeff=scale_coeff, ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
+      weight_dimension_numbers=weight_dimension_numbers,
+      adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+  )  # fmt: skip
+
+
+def normuon(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-10,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    target_rms: float | None = None,
+    ns_coeffs: orth_lib.CoeffsLike = "standard",
+    ns_steps: int | None = 5,
+    ns_eps: float = 1e-7,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+    adam_learning_rate: optax.ScalarOrSchedule | None = 3e-4,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  r"""NorMuon: Muon followed by per-neuron second-moment normalization.
+
+  For each matrix (a neuron is a column ``j`` of the Flax kernel):
+
+  .. math::
+    O = \mathrm{NS}(\tilde M_t), \quad
+    v_j \leftarrow b_2 v_j + (1 - b_2)\,\mathrm{mean}_i O_{ij}^2, \quad
+    \hat O_{:,j} = \frac{O_{:,j}}{\sqrt{v_j} + \epsilon}
+      \cdot \frac{\|O\|_F}{\|\hat O\|_F + \epsilon},
+
+    K \leftarrow K (1 - \eta\lambda)
+      - \eta \sqrt{\max(1, \text{fan\_out}/\text{fan\_in})}\, \hat O.
+
+  ``target_rms=0.2`` gives the paper's Algorithm 1 instead (fixed RMS, no
+  shape factor; pair it with ``nesterov=False`` for the paper's momentum).
+  Composition::
+
+    partition(orthogonal=chain(orthogonalize_momentum, scale_by_neuron_rms,
+                               scale_by_shape, add_decayed_weights,
+                               scale_by_learning_rate),
+              adam=adamw)
+
+  Args:
+    learning_rate: a float or an optax schedule (reference ``0.02``).
+    b1: momentum decay.
+    b2: decay of the per-neuron second moment.
+    eps: added to the denominators.
+    weight_decay: decoupled weight decay (times ``lr``).
+    nesterov: Nesterov momentum.
+    target_rms: ``None`` (released code) or the paper's fixed RMS.
+    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
+    ns_steps: Newton–Schulz steps.
+    ns_eps: Newton–Schulz normalization epsilon.
+    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
+    mu_dtype: momentum dtype.
+    weight_dimension_numbers: a dimension-numbers spec (default
+      :func:`optax_orth.route_by_path`).
+    adam_learning_rate: Adam's learning rate (reference ``3e-4``; ``None``:
+      ``learning_rate``).
+    adam_b1: Adam's ``b1``.
+    adam_b2: Adam's ``b2``.
+    adam_eps: Adam's ``eps``.
+    adam_weight_decay: Adam's weight decay.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Li et al., `NorMuon: Making Muon more efficient and scalable
+    <https://arxiv.org/abs/2510.05491>`_, 2025.
+  """
+  spec = weight_dimension_numbers
+  blocks = [
+      transforms.orthogonalize_momentum(
+          b1,
+          nesterov=nesterov,
+          mu_dtype=mu_dtype,
+          ns_coeffs=ns_coeffs,
+          ns_steps=ns_steps,
+          eps=ns_eps,
+          ns_dtype=ns_dtype,
+          weight_dimension_numbers=spec,
+      ),
+      transforms.scale_by_neuron_rms(
+          b2, eps, target_rms=target_rms, weight_dimension_numbers=spec
+      ),
+  ]
+  if target_rms is None:
+    blocks.append(transforms.scale_by_shape(spec))
+  blocks += [
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  ]
+  adam = optax.adamw(
+      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1,
+      b2=adam_b2,
+      eps=adam_eps,
+      weight_decay=adam_weight_decay,
+  )
+  return _partition(optax.chain(*blocks), adam, spec)
