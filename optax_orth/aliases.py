@@ -19,38 +19,38 @@ from optax_orth.routing import DimensionNumbersSpec, label_tree, route_by_path
 
 
 def _partition(
-    orthogonal: optax.GradientTransformation,
-    adam: optax.GradientTransformation,
-    spec: DimensionNumbersSpec,
+  orthogonal: optax.GradientTransformation,
+  adam: optax.GradientTransformation,
+  spec: DimensionNumbersSpec,
 ) -> optax.GradientTransformation:
   return optax.partition(
-      {"orthogonal": orthogonal, "adam": adam},
-      lambda params: label_tree(params, spec),
+    {"orthogonal": orthogonal, "adam": adam},
+    lambda params: label_tree(params, spec),
   )
 
 
 def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    ns_coeffs: orth_lib.CoeffsLike = (3.4445, -4.7750, 2.0315),
-    ns_steps: int = 5,
-    beta: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    *,
-    nesterov: bool = True,
-    adaptive: bool = False,
-    preconditioning: orth_lib.Preconditioning = "frobenius",
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps_root: float = 0.0,
-    adam_weight_decay: float = 0.0,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    muon_weight_dimension_numbers: DimensionNumbersSpec = None,
-    consistent_rms: float | None = None,
-    ns_dtype: jax.typing.DTypeLike | None = None,
-    orthogonalizer: orth_lib.Orthogonalizer | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  ns_coeffs: orth_lib.CoeffsLike = (3.4445, -4.7750, 2.0315),
+  ns_steps: int = 5,
+  beta: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  *,
+  nesterov: bool = True,
+  adaptive: bool = False,
+  preconditioning: orth_lib.Preconditioning = "frobenius",
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.999,
+  adam_eps_root: float = 0.0,
+  adam_weight_decay: float = 0.0,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  muon_weight_dimension_numbers: DimensionNumbersSpec = None,
+  consistent_rms: float | None = None,
+  ns_dtype: jax.typing.DTypeLike | None = None,
+  orthogonalizer: orth_lib.Orthogonalizer | None = None,
 ) -> optax.GradientTransformation:
   r"""Muon: momentum orthogonalized by Newton–Schulz; a drop-in for optax's.
 
@@ -111,103 +111,105 @@ def muon(
   if not isinstance(ns_coeffs, str) and np.ndim(ns_coeffs) == 2:
     if np.shape(ns_coeffs)[0] > ns_steps:
       raise ValueError(
-          f"ns_coeffs has {np.shape(ns_coeffs)[0]} rows, more than ns_steps="
-          f"{ns_steps}."
+        f"ns_coeffs has {np.shape(ns_coeffs)[0]} rows, more than ns_steps={ns_steps}."
       )
     steps = None  # As optax: every row runs once.
-  elif isinstance(ns_coeffs, str) and len(orth_lib.PRESETS.get(ns_coeffs, ((),)).coeffs) > 1:
+  elif (
+    isinstance(ns_coeffs, str)
+    and len(orth_lib.PRESETS.get(ns_coeffs, ((),)).coeffs) > 1
+  ):
     steps = None
   spec = muon_weight_dimension_numbers
   orthogonal = optax.chain(
-      transforms.orthogonalize_momentum(
-          beta,
-          nesterov=nesterov,
-          bias_correction=True,
-          mu_dtype=mu_dtype,
-          ns_coeffs=ns_coeffs,
-          ns_steps=steps,
-          eps=eps,
-          ns_dtype=ns_dtype,
-          preconditioning=preconditioning,
-          orthogonalizer=orthogonalizer,
-          adaptive=adaptive,
-          weight_dimension_numbers=spec,
-      ),
-      transforms.scale_by_shape(spec, consistent_rms),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    transforms.orthogonalize_momentum(
+      beta,
+      nesterov=nesterov,
+      bias_correction=True,
+      mu_dtype=mu_dtype,
+      ns_coeffs=ns_coeffs,
+      ns_steps=steps,
+      eps=eps,
+      ns_dtype=ns_dtype,
+      preconditioning=preconditioning,
+      orthogonalizer=orthogonalizer,
+      adaptive=adaptive,
+      weight_dimension_numbers=spec,
+    ),
+    transforms.scale_by_shape(spec, consistent_rms),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
   adam = optax.adamw(
-      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1,
-      b2=adam_b2,
-      eps=eps,
-      eps_root=adam_eps_root,
-      weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype,
-      nesterov=nesterov,
+    learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=eps,
+    eps_root=adam_eps_root,
+    weight_decay=adam_weight_decay,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
   )
   return _partition(orthogonal, adam, spec)
 
 
 def _namo_family(
-    learning_rate,
-    granularity,
-    clamp,
-    *,
-    b1,
-    b2,
-    eps,
-    weight_decay,
-    weight_decay_mode,
-    nesterov,
-    scale_coeff,
-    ns_coeffs,
-    ns_steps,
-    ns_eps,
-    ns_dtype,
-    mu_dtype,
-    weight_dimension_numbers,
-    adam_learning_rate,
-    adam_b1,
-    adam_b2,
-    adam_eps,
-    adam_weight_decay,
+  learning_rate,
+  granularity,
+  clamp,
+  *,
+  b1,
+  b2,
+  eps,
+  weight_decay,
+  weight_decay_mode,
+  nesterov,
+  scale_coeff,
+  ns_coeffs,
+  ns_steps,
+  ns_eps,
+  ns_dtype,
+  mu_dtype,
+  weight_dimension_numbers,
+  adam_learning_rate,
+  adam_b1,
+  adam_b2,
+  adam_eps,
+  adam_weight_decay,
 ):
   spec = weight_dimension_numbers
   blocks = [
-      transforms.orthogonalize_momentum(
-          b1,
-          nesterov=nesterov,
-          mu_dtype=mu_dtype,
-          ns_coeffs=ns_coeffs,
-          ns_steps=ns_steps,
-          eps=ns_eps,
-          ns_dtype=ns_dtype,
-          statistics=True,
-          weight_dimension_numbers=spec,
-      ),
-      transforms.scale_by_norm_adaptive(
-          b1, b2, eps, granularity=granularity, weight_dimension_numbers=spec
-      ),
+    transforms.orthogonalize_momentum(
+      b1,
+      nesterov=nesterov,
+      mu_dtype=mu_dtype,
+      ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps,
+      eps=ns_eps,
+      ns_dtype=ns_dtype,
+      statistics=True,
+      weight_dimension_numbers=spec,
+    ),
+    transforms.scale_by_norm_adaptive(
+      b1, b2, eps, granularity=granularity, weight_dimension_numbers=spec
+    ),
   ]
   if clamp is not None:
     blocks.append(transforms.clamp_diagonal(clamp))
   blocks.append(
-      transforms.scale_by_capped_step(
-          learning_rate,
-          scale_coeff=scale_coeff,
-          weight_decay=weight_decay,
-          weight_decay_mode=weight_decay_mode,
-          weight_dimension_numbers=spec,
-      )
+    transforms.scale_by_capped_step(
+      learning_rate,
+      scale_coeff=scale_coeff,
+      weight_decay=weight_decay,
+      weight_decay_mode=weight_decay_mode,
+      weight_dimension_numbers=spec,
+    )
   )
   adam = optax.adamw(
-      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1,
-      b2=adam_b2,
-      eps=adam_eps,
-      weight_decay=adam_weight_decay,
+    learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=adam_eps,
+    weight_decay=adam_weight_decay,
   )
   return _partition(optax.chain(*blocks), adam, spec)
 
@@ -216,26 +218,26 @@ _DEFAULT_ROUTING = route_by_path()
 
 
 def namo(
-    learning_rate: optax.ScalarOrSchedule = 1e-2,
-    *,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.1,
-    weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
-    nesterov: bool = True,
-    scale_coeff: float = 0.2,
-    ns_coeffs: orth_lib.CoeffsLike = "standard",
-    ns_steps: int | None = 5,
-    ns_eps: float = 1e-7,
-    ns_dtype: jax.typing.DTypeLike | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  *,
+  b1: float = 0.95,
+  b2: float = 0.99,
+  eps: float = 1e-8,
+  weight_decay: float = 0.1,
+  weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+  nesterov: bool = True,
+  scale_coeff: float = 0.2,
+  ns_coeffs: orth_lib.CoeffsLike = "standard",
+  ns_steps: int | None = 5,
+  ns_eps: float = 1e-7,
+  ns_dtype: jax.typing.DTypeLike | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.95,
+  adam_eps: float = 1e-8,
+  adam_weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
   r"""NAMO: orthogonalized momentum with one adaptive step size per matrix.
 
@@ -302,27 +304,27 @@ def namo(
 
 
 def namo_d(
-    learning_rate: optax.ScalarOrSchedule = 1e-2,
-    *,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.1,
-    weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
-    nesterov: bool = True,
-    scale_coeff: float = 0.2,
-    clamp: float = 0.75,
-    ns_coeffs: orth_lib.CoeffsLike = "standard",
-    ns_steps: int | None = 5,
-    ns_eps: float = 1e-7,
-    ns_dtype: jax.typing.DTypeLike | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  *,
+  b1: float = 0.95,
+  b2: float = 0.99,
+  eps: float = 1e-8,
+  weight_decay: float = 0.1,
+  weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+  nesterov: bool = True,
+  scale_coeff: float = 0.2,
+  clamp: float = 0.75,
+  ns_coeffs: orth_lib.CoeffsLike = "standard",
+  ns_steps: int | None = 5,
+  ns_eps: float = 1e-7,
+  ns_dtype: jax.typing.DTypeLike | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.95,
+  adam_eps: float = 1e-8,
+  adam_weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
   r"""NAMO-D: NAMO with a clamped diagonal step size per input feature.
 
@@ -386,25 +388,25 @@ def namo_d(
 
 
 def normuon(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
-    *,
-    b1: float = 0.95,
-    b2: float = 0.95,
-    eps: float = 1e-10,
-    weight_decay: float = 0.0,
-    nesterov: bool = True,
-    target_rms: float | None = None,
-    ns_coeffs: orth_lib.CoeffsLike = "standard",
-    ns_steps: int | None = 5,
-    ns_eps: float = 1e-7,
-    ns_dtype: jax.typing.DTypeLike | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
-    adam_learning_rate: optax.ScalarOrSchedule | None = 3e-4,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_eps: float = 1e-10,
-    adam_weight_decay: float = 0.0,
+  learning_rate: optax.ScalarOrSchedule = 0.02,
+  *,
+  b1: float = 0.95,
+  b2: float = 0.95,
+  eps: float = 1e-10,
+  weight_decay: float = 0.0,
+  nesterov: bool = True,
+  target_rms: float | None = None,
+  ns_coeffs: orth_lib.CoeffsLike = "standard",
+  ns_steps: int | None = 5,
+  ns_eps: float = 1e-7,
+  ns_dtype: jax.typing.DTypeLike | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+  adam_learning_rate: optax.ScalarOrSchedule | None = 3e-4,
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.95,
+  adam_eps: float = 1e-10,
+  adam_weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
   r"""NorMuon: Muon followed by per-neuron second-moment normalization.
 
@@ -459,31 +461,31 @@ def normuon(
   """
   spec = weight_dimension_numbers
   blocks = [
-      transforms.orthogonalize_momentum(
-          b1,
-          nesterov=nesterov,
-          mu_dtype=mu_dtype,
-          ns_coeffs=ns_coeffs,
-          ns_steps=ns_steps,
-          eps=ns_eps,
-          ns_dtype=ns_dtype,
-          weight_dimension_numbers=spec,
-      ),
-      transforms.scale_by_neuron_rms(
-          b2, eps, target_rms=target_rms, weight_dimension_numbers=spec
-      ),
+    transforms.orthogonalize_momentum(
+      b1,
+      nesterov=nesterov,
+      mu_dtype=mu_dtype,
+      ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps,
+      eps=ns_eps,
+      ns_dtype=ns_dtype,
+      weight_dimension_numbers=spec,
+    ),
+    transforms.scale_by_neuron_rms(
+      b2, eps, target_rms=target_rms, weight_dimension_numbers=spec
+    ),
   ]
   if target_rms is None:
     blocks.append(transforms.scale_by_shape(spec))
   blocks += [
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
   ]
   adam = optax.adamw(
-      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1,
-      b2=adam_b2,
-      eps=adam_eps,
-      weight_decay=adam_weight_decay,
+    learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=adam_eps,
+    weight_decay=adam_weight_decay,
   )
   return _partition(optax.chain(*blocks), adam, spec)

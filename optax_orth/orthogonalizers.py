@@ -42,41 +42,41 @@ class NewtonSchulzPreset(NamedTuple):
 
 
 PRESETS: dict[str, NewtonSchulzPreset] = {
-    # Jordan (2024), modded-nanogpt; the coefficients of every reference here.
-    "standard": NewtonSchulzPreset(
-        coeffs=((3.4445, -4.7750, 2.0315),), safety=1.0, band=(0.675, 1.21), steps=5
+  # Jordan (2024), modded-nanogpt; the coefficients of every reference here.
+  "standard": NewtonSchulzPreset(
+    coeffs=((3.4445, -4.7750, 2.0315),), safety=1.0, band=(0.675, 1.21), steps=5
+  ),
+  # Ahn et al. (2025), Dion.
+  "dion": NewtonSchulzPreset(
+    coeffs=(
+      (4.0848, -6.8946, 2.9270),
+      (3.9505, -6.3029, 2.6377),
+      (3.7418, -5.5913, 2.3037),
+      (2.8769, -3.1427, 1.2046),
+      (2.8366, -3.0525, 1.2012),
     ),
-    # Ahn et al. (2025), Dion.
-    "dion": NewtonSchulzPreset(
-        coeffs=(
-            (4.0848, -6.8946, 2.9270),
-            (3.9505, -6.3029, 2.6377),
-            (3.7418, -5.5913, 2.3037),
-            (2.8769, -3.1427, 1.2046),
-            (2.8366, -3.0525, 1.2012),
-        ),
-        safety=1.0,
-        band=(0.97, 1.15),
-        steps=5,
+    safety=1.0,
+    band=(0.97, 1.15),
+    steps=5,
+  ),
+  # Amsel et al. (2025), The Polar Express, as used in modded-nanogpt.
+  "polar_express": NewtonSchulzPreset(
+    coeffs=(
+      (8.156554524902461, -22.48329292557795, 15.878769915207462),
+      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
     ),
-    # Amsel et al. (2025), The Polar Express, as used in modded-nanogpt.
-    "polar_express": NewtonSchulzPreset(
-        coeffs=(
-            (8.156554524902461, -22.48329292557795, 15.878769915207462),
-            (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-            (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-            (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-            (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-        ),
-        safety=1.02,
-        band=(0.84, 1.15),
-        steps=5,
-    ),
+    safety=1.02,
+    band=(0.84, 1.15),
+    steps=5,
+  ),
 }
 
 
 def resolve_coeffs(
-    coeffs: CoeffsLike, steps: int | None = None
+  coeffs: CoeffsLike, steps: int | None = None
 ) -> tuple[np.ndarray, float]:
   """Returns the ``(steps, 3)`` coefficient rows and the safety factor.
 
@@ -94,8 +94,8 @@ def resolve_coeffs(
   if isinstance(coeffs, str):
     if coeffs not in PRESETS:
       raise ValueError(
-          f"Unknown Newton-Schulz preset ns_coeffs={coeffs!r}; "
-          f"choose one of {sorted(PRESETS)} or pass rows (a, b, c)."
+        f"Unknown Newton-Schulz preset ns_coeffs={coeffs!r}; "
+        f"choose one of {sorted(PRESETS)} or pass rows (a, b, c)."
       )
     preset = PRESETS[coeffs]
     rows = np.asarray(preset.coeffs, dtype=np.float64)
@@ -106,8 +106,8 @@ def resolve_coeffs(
       rows = rows[None]
     if rows.ndim != 2 or rows.shape[-1] != 3 or rows.shape[0] < 1:
       raise ValueError(
-          "Newton-Schulz coefficients must have shape (3,) or (n, 3) with "
-          f"n >= 1; got shape {np.shape(coeffs)}."
+        "Newton-Schulz coefficients must have shape (3,) or (n, 3) with "
+        f"n >= 1; got shape {np.shape(coeffs)}."
       )
     if not np.all(np.isfinite(rows)):
       raise ValueError(f"Newton-Schulz coefficients must be finite; got {rows}.")
@@ -148,7 +148,7 @@ def _safe_divide(x: jax.Array, denom: jax.Array) -> jax.Array:
 
 
 def _precondition_first_step(
-    x: jax.Array, preconditioning: str, eps
+  x: jax.Array, preconditioning: str, eps
 ) -> tuple[jax.Array, jax.Array]:
   """AOL or Schatten-4 rescaling, folded into the first step's Gram matrix."""
   a = _gram(x)
@@ -163,15 +163,15 @@ def _precondition_first_step(
 
 
 def newton_schulz(
-    x: jax.Array,
-    coeffs: CoeffsLike = "standard",
-    steps: int | None = None,
-    eps: float = 1e-7,
-    dtype: jax.typing.DTypeLike | None = None,
-    *,
-    safety: float | None = None,
-    preconditioning: Preconditioning = "frobenius",
-    unroll: bool = True,
+  x: jax.Array,
+  coeffs: CoeffsLike = "standard",
+  steps: int | None = None,
+  eps: float = 1e-7,
+  dtype: jax.typing.DTypeLike | None = None,
+  *,
+  safety: float | None = None,
+  preconditioning: Preconditioning = "frobenius",
+  unroll: bool = True,
 ) -> jax.Array:
   r"""Approximates the polar factor of each trailing matrix by Newton–Schulz.
 
@@ -219,7 +219,7 @@ def newton_schulz(
   """
   if x.ndim < 2:
     raise ValueError(
-        f"newton_schulz needs an array of rank >= 2 (..., m, n); got shape {x.shape}."
+      f"newton_schulz needs an array of rank >= 2 (..., m, n); got shape {x.shape}."
     )
   if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
     raise ValueError(f"Unknown preconditioning={preconditioning!r}.")
@@ -290,11 +290,11 @@ def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
 
 
 def make_newton_schulz(
-    coeffs: CoeffsLike = "standard",
-    steps: int | None = None,
-    eps: float = 1e-7,
-    dtype: jax.typing.DTypeLike | None = None,
-    **kwargs,
+  coeffs: CoeffsLike = "standard",
+  steps: int | None = None,
+  eps: float = 1e-7,
+  dtype: jax.typing.DTypeLike | None = None,
+  **kwargs,
 ) -> Orthogonalizer:
   """Binds the options of :func:`newton_schulz` into an orthogonalizer.
 
@@ -303,5 +303,5 @@ def make_newton_schulz(
   resolve_coeffs(coeffs, steps)
   _check_eps(eps)
   return functools.partial(
-      newton_schulz, coeffs=coeffs, steps=steps, eps=eps, dtype=dtype, **kwargs
+    newton_schulz, coeffs=coeffs, steps=steps, eps=eps, dtype=dtype, **kwargs
   )

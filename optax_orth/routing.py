@@ -26,9 +26,7 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 
-DimensionNumbersSpec = (
-    MuonDimensionNumbers | Any | Callable[[Any], Any] | None
-)
+DimensionNumbersSpec = MuonDimensionNumbers | Any | Callable[[Any], Any] | None
 
 DEFAULT_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=0, output_axis=1)
 
@@ -37,9 +35,9 @@ DEFAULT_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=0, output_axis=1
 #: position embeddings and the output head, as in the NAMO and NorMuon
 #: references. Leaves of rank < 2 (biases, norm scales) go there regardless.
 DEFAULT_ADAM_PATTERNS: tuple[str, ...] = (
-    r"embed",
-    r"(^|/)(wte|wpe|tok_emb|pos_emb)(/|$)",
-    r"(^|/)(lm_head|head|output_head|readout)(/|$)",
+  r"embed",
+  r"(^|/)(wte|wpe|tok_emb|pos_emb)(/|$)",
+  r"(^|/)(lm_head|head|output_head|readout)(/|$)",
 )
 
 
@@ -91,7 +89,7 @@ def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:
   for ax in axes:
     if not isinstance(ax, int) or not -ndim <= ax < ndim:
       raise ValueError(
-          f"{where}: {what}={value} is out of range for a leaf of rank {ndim}."
+        f"{where}: {what}={value} is out of range for a leaf of rank {ndim}."
       )
   normalized = tuple(ax % ndim for ax in axes)
   if len(set(normalized)) != len(normalized):
@@ -100,9 +98,9 @@ def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:
 
 
 def matrix_layout(
-    shape: Sequence[int],
-    dimension_numbers: MuonDimensionNumbers | None = None,
-    path: str = "",
+  shape: Sequence[int],
+  dimension_numbers: MuonDimensionNumbers | None = None,
+  path: str = "",
 ) -> MatrixLayout:
   """The :class:`MatrixLayout` of a leaf, with validation.
 
@@ -119,28 +117,26 @@ def matrix_layout(
   where = f"leaf {path!r} with shape {shape}" if path else f"leaf with shape {shape}"
   if len(shape) < 2:
     raise ValueError(
-        f"{where}: orthogonalization needs a leaf of rank >= 2. Send it to the "
-        "Adam fallback (dimension numbers None, or rank < 2 leaves are routed "
-        "there by route_by_path)."
+      f"{where}: orthogonalization needs a leaf of rank >= 2. Send it to the "
+      "Adam fallback (dimension numbers None, or rank < 2 leaves are routed "
+      "there by route_by_path)."
     )
   if dimension_numbers is None:
     if len(shape) != 2:
       raise ValueError(
-          f"{where}: a leaf of rank {len(shape)} needs MuonDimensionNumbers "
-          "to say which axes are reduction, output and batch axes."
+        f"{where}: a leaf of rank {len(shape)} needs MuonDimensionNumbers "
+        "to say which axes are reduction, output and batch axes."
       )
     dimension_numbers = DEFAULT_DIMENSION_NUMBERS
   if not isinstance(dimension_numbers, MuonDimensionNumbers):
     raise ValueError(
-        f"{where}: expected MuonDimensionNumbers or None, got {dimension_numbers!r}."
+      f"{where}: expected MuonDimensionNumbers or None, got {dimension_numbers!r}."
     )
   ndim = len(shape)
   red = _axes(dimension_numbers.reduction_axis, ndim, "reduction_axis", where)
   out = _axes(dimension_numbers.output_axis, ndim, "output_axis", where)
   if set(red) & set(out):
-    raise ValueError(
-        f"{where}: reduction_axis {red} and output_axis {out} overlap."
-    )
+    raise ValueError(f"{where}: reduction_axis {red} and output_axis {out} overlap.")
   batch = tuple(ax for ax in range(ndim) if ax not in red and ax not in out)
   prod = lambda axes: math.prod(shape[a] for a in axes)
   return MatrixLayout(shape, batch + red + out, prod(batch), prod(red), prod(out))
@@ -151,7 +147,7 @@ def _is_spec_leaf(x) -> bool:
 
 
 def leaf_dimension_numbers(
-    spec: DimensionNumbersSpec, tree: Any, is_leaf: Callable[[Any], bool] | None = None
+  spec: DimensionNumbersSpec, tree: Any, is_leaf: Callable[[Any], bool] | None = None
 ) -> list[MuonDimensionNumbers | None]:
   """Resolves a spec to one entry per leaf of ``tree`` (in flatten order).
 
@@ -166,25 +162,25 @@ def leaf_dimension_numbers(
   if isinstance(spec, MuonDimensionNumbers):
     return [spec] * len(leaves)
   nested = jax.tree.map(
-      lambda dn, sub: [dn] * len(jax.tree.leaves(sub, is_leaf=is_leaf)),
-      spec,
-      tree,
-      is_leaf=_is_spec_leaf,
+    lambda dn, sub: [dn] * len(jax.tree.leaves(sub, is_leaf=is_leaf)),
+    spec,
+    tree,
+    is_leaf=_is_spec_leaf,
   )
   out = [
-      dn
-      for group in jax.tree.leaves(nested, is_leaf=lambda x: isinstance(x, list))
-      for dn in group
+    dn
+    for group in jax.tree.leaves(nested, is_leaf=lambda x: isinstance(x, list))
+    for dn in group
   ]
   assert len(out) == len(leaves)
   return out
 
 
 def label_tree(
-    params: Any,
-    spec: DimensionNumbersSpec,
-    matrix_label: str = "orthogonal",
-    other_label: str = "adam",
+  params: Any,
+  spec: DimensionNumbersSpec,
+  matrix_label: str = "orthogonal",
+  other_label: str = "adam",
 ) -> Any:
   """Labels each leaf of ``params`` for ``optax.partition``.
 
@@ -205,9 +201,9 @@ def label_tree(
     name = path_str(path)
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise ValueError(
-          f"leaf {name!r} has dtype {jnp.result_type(x)}; optax_orth optimizers "
-          "need floating-point parameters (filter integer state out of the "
-          "optimized tree)."
+        f"leaf {name!r} has dtype {jnp.result_type(x)}; optax_orth optimizers "
+        "need floating-point parameters (filter integer state out of the "
+        "optimized tree)."
       )
     if dn is not None:
       matrix_layout(jnp.shape(x), dn, name)
@@ -216,9 +212,9 @@ def label_tree(
 
 
 def route_by_path(
-    rules: Mapping[str, MuonDimensionNumbers]
-    | Sequence[tuple[str, MuonDimensionNumbers]] = (),
-    adam_patterns: Sequence[str] = DEFAULT_ADAM_PATTERNS,
+  rules: Mapping[str, MuonDimensionNumbers]
+  | Sequence[tuple[str, MuonDimensionNumbers]] = (),
+  adam_patterns: Sequence[str] = DEFAULT_ADAM_PATTERNS,
 ) -> Callable[[Any], Any]:
   r"""A path-based dimension-numbers spec: embeddings, head, vectors to Adam.
 
@@ -266,18 +262,21 @@ def route_by_path(
   return spec_fn
 
 
-def routing_table(params: Any, weight_dimension_numbers: DimensionNumbersSpec = None
-                  ) -> str:
+def routing_table(
+  params: Any, weight_dimension_numbers: DimensionNumbersSpec = None
+) -> str:
   """A human-readable table of where each leaf goes and how it is reshaped."""
   labels = label_tree(params, weight_dimension_numbers)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   dims = (
-      [DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None for _, x in flat]
-      if weight_dimension_numbers is None
-      else leaf_dimension_numbers(weight_dimension_numbers, params)
+    [DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None for _, x in flat]
+    if weight_dimension_numbers is None
+    else leaf_dimension_numbers(weight_dimension_numbers, params)
   )
-  lines = ["| path | shape | branch | matrices (batch x fan_in x fan_out) |",
-           "|---|---|---|---|"]
+  lines = [
+    "| path | shape | branch | matrices (batch x fan_in x fan_out) |",
+    "|---|---|---|---|",
+  ]
   for (path, x), label, dn in zip(flat, jax.tree.leaves(labels), dims, strict=True):
     if label == "orthogonal":
       lay = matrix_layout(jnp.shape(x), dn)

@@ -28,11 +28,11 @@ import optax
 
 from optax_orth import orthogonalizers as orth_lib
 from optax_orth.routing import (
-    DimensionNumbersSpec,
-    MatrixLayout,
-    leaf_dimension_numbers,
-    matrix_layout,
-    path_str,
+  DimensionNumbersSpec,
+  MatrixLayout,
+  leaf_dimension_numbers,
+  matrix_layout,
+  path_str,
 )
 
 
@@ -105,6 +105,33 @@ def _learning_rate(learning_rate, count):
 # Orthogonalized momentum.
 
 
+def orthogonalize_grouped(
+  matrices: list[jax.Array], orthogonalizer: orth_lib.Orthogonalizer
+) -> list[jax.Array]:
+  """Orthogonalizes ``(batch, m, n)`` stacks with one call per shape.
+
+  Tall stacks are transposed so that ``m <= n``, stacks of one shape and
+  dtype are concatenated along the batch axis and orthogonalized together,
+  and the results are split and transposed back. The orthogonalizer must
+  commute with transposition, as every polar approximation does.
+  """
+  groups: dict[tuple, list[tuple[int, bool]]] = {}
+  for i, x in enumerate(matrices):
+    tall = x.shape[1] > x.shape[2]
+    key = (min(x.shape[1:]), max(x.shape[1:]), x.dtype)
+    groups.setdefault(key, []).append((i, tall))
+  out: list[jax.Array] = [None] * len(matrices)  # type: ignore[list-item]
+  swap = lambda x, tall: jnp.swapaxes(x, 1, 2) if tall else x
+  for members in groups.values():
+    xs = [swap(matrices[i], tall) for i, tall in members]
+    ys = orthogonalizer(jnp.concatenate(xs) if len(xs) > 1 else xs[0])
+    offset = 0
+    for (i, tall), x in zip(members, xs, strict=True):
+      out[i] = swap(ys[offset : offset + x.shape[0]], tall)
+      offset += x.shape[0]
+  return out
+
+
 class OrthogonalizeMomentumState(NamedTuple):
   """State of :func:`orthogonalize_momentum`."""
 
@@ -113,20 +140,20 @@ class OrthogonalizeMomentumState(NamedTuple):
 
 
 def orthogonalize_momentum(
-    beta: float = 0.95,
-    *,
-    nesterov: bool = True,
-    bias_correction: bool = False,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    ns_coeffs: orth_lib.CoeffsLike = "standard",
-    ns_steps: int | None = 5,
-    eps: float = 1e-7,
-    ns_dtype: jax.typing.DTypeLike | None = None,
-    preconditioning: orth_lib.Preconditioning = "frobenius",
-    orthogonalizer: orth_lib.Orthogonalizer | None = None,
-    adaptive: bool = False,
-    statistics: bool = False,
-    weight_dimension_numbers: DimensionNumbersSpec = None,
+  beta: float = 0.95,
+  *,
+  nesterov: bool = True,
+  bias_correction: bool = False,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  ns_coeffs: orth_lib.CoeffsLike = "standard",
+  ns_steps: int | None = 5,
+  eps: float = 1e-7,
+  ns_dtype: jax.typing.DTypeLike | None = None,
+  preconditioning: orth_lib.Preconditioning = "frobenius",
+  orthogonalizer: orth_lib.Orthogonalizer | None = None,
+  adaptive: bool = False,
+  statistics: bool = False,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
 ) -> optax.GradientTransformation:
   r"""Momentum followed by orthogonalization of each matrix.
 
@@ -174,19 +201,19 @@ def orthogonalize_momentum(
   _check_unit_interval("beta", beta)
   if orthogonalizer is None:
     orthogonalizer = orth_lib.make_newton_schulz(
-        ns_coeffs, ns_steps, eps, ns_dtype, preconditioning=preconditioning
+      ns_coeffs, ns_steps, eps, ns_dtype, preconditioning=preconditioning
     )
 
   def init_fn(params):
     for name, x, _ in _layouts(weight_dimension_numbers, params)[0]:
       if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
-            f"leaf {name!r} has dtype {x.dtype}; orthogonalize_momentum needs "
-            "floating-point parameters."
+          f"leaf {name!r} has dtype {x.dtype}; orthogonalize_momentum needs "
+          "floating-point parameters."
         )
     return OrthogonalizeMomentumState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
     )
 
   def update_fn(updates, state, params=None):
@@ -197,9 +224,9 @@ def orthogonalize_momentum(
     if bias_correction:
       if nesterov:
         mu_hat = jax.tree.map(
-            lambda m, g: beta * m + (1 - beta) * g,
-            optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
-            optax.tree.bias_correction(updates, beta, count_inc),
+          lambda m, g: beta * m + (1 - beta) * g,
+          optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
+          optax.tree.bias_correction(updates, beta, count_inc),
         )
       else:
         mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
@@ -208,16 +235,21 @@ def orthogonalize_momentum(
     else:
       mu_hat = mu
 
+    m_hats = jax.tree.leaves(mu_hat)
+    orthogonal = orthogonalize_grouped(
+      [lay.to_matrices(m) for (_, _, lay), m in zip(entries, m_hats, strict=True)],
+      orthogonalizer,
+    )
     outs = []
-    for (_, g, layout), m_hat in zip(entries, jax.tree.leaves(mu_hat), strict=True):
-      o = layout.from_matrices(orthogonalizer(layout.to_matrices(m_hat)))
+    for (_, g, layout), m_hat, o in zip(entries, m_hats, orthogonal, strict=True):
+      o = layout.from_matrices(o)
       if adaptive:
         o = jnp.sum(m_hat * o) * o
       if statistics:
         o = MatrixUpdate(
-            direction=o,
-            grad_sq_norms=_row_sq_norms(g, layout),
-            momentum_sq_norms=_row_sq_norms(m_hat, layout),
+          direction=o,
+          grad_sq_norms=_row_sq_norms(g, layout),
+          momentum_sq_norms=_row_sq_norms(m_hat, layout),
         )
       outs.append(o)
     new_updates = jax.tree.unflatten(treedef, outs)
@@ -232,7 +264,7 @@ def orthogonalize_momentum(
 
 
 def shape_scale(
-    fan_in: int, fan_out: int, consistent_rms: jax.typing.ArrayLike | None = None
+  fan_in: int, fan_out: int, consistent_rms: jax.typing.ArrayLike | None = None
 ):
   """``sqrt(max(1, fan_out / fan_in))``, or ``c * sqrt(max(fan_in, fan_out))``."""
   if consistent_rms is None:
@@ -247,8 +279,8 @@ def _map_direction(fn: Callable[[jax.Array], jax.Array], x):
 
 
 def scale_by_shape(
-    weight_dimension_numbers: DimensionNumbersSpec = None,
-    consistent_rms: jax.typing.ArrayLike | None = None,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
+  consistent_rms: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Scales each matrix's update by a factor of its shape.
 
@@ -293,11 +325,11 @@ class ScaleByNeuronRmsState(NamedTuple):
 
 
 def scale_by_neuron_rms(
-    b2: float = 0.95,
-    eps: float = 1e-10,
-    *,
-    target_rms: float | None = None,
-    weight_dimension_numbers: DimensionNumbersSpec = None,
+  b2: float = 0.95,
+  eps: float = 1e-10,
+  *,
+  target_rms: float | None = None,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
 ) -> optax.GradientTransformation:
   r"""NorMuon's per-neuron normalization of an orthogonalized update.
 
@@ -343,7 +375,9 @@ def scale_by_neuron_rms(
     n0 = jnp.linalg.norm(m, axis=(-2, -1), keepdims=True)
     nu = b2 * nu + (1 - b2) * jnp.mean(m * m, axis=-2)
     m = m / (jnp.sqrt(nu)[:, None, :] + eps)
-    target = n0 if target_rms is None else target_rms * (lay.fan_in * lay.fan_out) ** 0.5
+    target = (
+      n0 if target_rms is None else target_rms * (lay.fan_in * lay.fan_out) ** 0.5
+    )
     m = m * (target / (jnp.linalg.norm(m, axis=(-2, -1), keepdims=True) + eps))
     return lay.from_matrices(m).astype(o.dtype), nu
 
@@ -357,7 +391,7 @@ def scale_by_neuron_rms(
       outs.append(x._replace(direction=o) if _is_update(x) else o)
       nus.append(nu)
     return jax.tree.unflatten(treedef, outs), ScaleByNeuronRmsState(
-        nu=jax.tree.unflatten(treedef, nus)
+      nu=jax.tree.unflatten(treedef, nus)
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -379,12 +413,12 @@ class ScaleByNormAdaptiveState(NamedTuple):
 
 
 def scale_by_norm_adaptive(
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    *,
-    granularity: Literal["matrix", "input_feature"] = "matrix",
-    weight_dimension_numbers: DimensionNumbersSpec = None,
+  b1: float = 0.95,
+  b2: float = 0.99,
+  eps: float = 1e-8,
+  *,
+  granularity: Literal["matrix", "input_feature"] = "matrix",
+  weight_dimension_numbers: DimensionNumbersSpec = None,
 ) -> optax.GradientTransformation:
   r"""NAMO's adaptive step size, from the momentum and gradient norms.
 
@@ -423,18 +457,18 @@ def scale_by_norm_adaptive(
   _check_non_negative("eps", eps)
   if granularity not in ("matrix", "input_feature"):
     raise ValueError(
-        f"granularity must be 'matrix' or 'input_feature'; got {granularity!r}."
+      f"granularity must be 'matrix' or 'input_feature'; got {granularity!r}."
     )
   per_feature = granularity == "input_feature"
 
   def init_fn(params):
     entries, treedef = _layouts(weight_dimension_numbers, params)
     nu = [
-        jnp.zeros((lay.batch, lay.fan_in if per_feature else 1), jnp.float32)
-        for _, _, lay in entries
+      jnp.zeros((lay.batch, lay.fan_in if per_feature else 1), jnp.float32)
+      for _, _, lay in entries
     ]
     return ScaleByNormAdaptiveState(
-        count=jnp.zeros([], jnp.int32), nu=jax.tree.unflatten(treedef, nu)
+      count=jnp.zeros([], jnp.int32), nu=jax.tree.unflatten(treedef, nu)
     )
 
   def update_fn(updates, state, params=None):
@@ -447,9 +481,9 @@ def scale_by_norm_adaptive(
     for (path, u), nu in zip(leaves, jax.tree.leaves(state.nu), strict=True):
       if not _is_update(u):
         raise ValueError(
-            f"leaf {path_str(path)!r}: scale_by_norm_adaptive needs the "
-            "MatrixUpdate records of orthogonalize_momentum(statistics=True); "
-            f"got {type(u).__name__}."
+          f"leaf {path_str(path)!r}: scale_by_norm_adaptive needs the "
+          "MatrixUpdate records of orthogonalize_momentum(statistics=True); "
+          f"got {type(u).__name__}."
         )
       g2, m2 = u.grad_sq_norms, u.momentum_sq_norms
       if not per_feature:
@@ -459,7 +493,7 @@ def scale_by_norm_adaptive(
       outs.append(u._replace(step_size=d if u.step_size is None else u.step_size * d))
       nus.append(nu)
     return jax.tree.unflatten(treedef, outs), ScaleByNormAdaptiveState(
-        count=count, nu=jax.tree.unflatten(treedef, nus)
+      count=count, nu=jax.tree.unflatten(treedef, nus)
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -498,8 +532,8 @@ def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformation:
     for path, u in leaves:
       if not _is_update(u) or u.step_size is None:
         raise ValueError(
-            f"leaf {path_str(path)!r}: clamp_diagonal needs MatrixUpdate records "
-            "with a step size; put scale_by_norm_adaptive before it."
+          f"leaf {path_str(path)!r}: clamp_diagonal needs MatrixUpdate records "
+          "with a step size; put scale_by_norm_adaptive before it."
         )
       outs.append(u._replace(step_size=clamp(u.step_size)))
     return jax.tree.unflatten(treedef, outs), state
@@ -514,12 +548,12 @@ class ScaleByCappedStepState(NamedTuple):
 
 
 def scale_by_capped_step(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    scale_coeff: float = 0.2,
-    weight_decay: float = 0.0,
-    weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
-    weight_dimension_numbers: DimensionNumbersSpec = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  scale_coeff: float = 0.2,
+  weight_decay: float = 0.0,
+  weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+  weight_dimension_numbers: DimensionNumbersSpec = None,
 ) -> optax.GradientTransformation:
   r"""Applies NAMO's capped step and weight decay; returns plain updates.
 
@@ -554,8 +588,7 @@ def scale_by_capped_step(
   _check_non_negative("scale_coeff", scale_coeff)
   if weight_decay_mode not in ("adaptive", "decoupled"):
     raise ValueError(
-        "weight_decay_mode must be 'adaptive' or 'decoupled'; got "
-        f"{weight_decay_mode!r}."
+      f"weight_decay_mode must be 'adaptive' or 'decoupled'; got {weight_decay_mode!r}."
     )
 
   def init_fn(params):
@@ -573,8 +606,8 @@ def scale_by_capped_step(
     for (name, u, lay), p in zip(entries, param_leaves, strict=True):
       if not _is_update(u) or u.step_size is None:
         raise ValueError(
-            f"leaf {name!r}: scale_by_capped_step needs MatrixUpdate records with "
-            "a step size; put scale_by_norm_adaptive before it."
+          f"leaf {name!r}: scale_by_capped_step needs MatrixUpdate records with "
+          "a step size; put scale_by_norm_adaptive before it."
         )
       alpha = (lr * u.step_size)[:, :, None]
       s = scale_coeff * max(lay.fan_in, lay.fan_out) ** 0.5
@@ -589,8 +622,7 @@ def scale_by_capped_step(
         delta = delta - shrink * k
       outs.append(lay.from_matrices(delta).astype(u.direction.dtype))
     return jax.tree.unflatten(treedef, outs), ScaleByCappedStepState(
-        count=optax.safe_increment(state.count)
+      count=optax.safe_increment(state.count)
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
-
