@@ -33,11 +33,13 @@ DEFAULT_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=0, output_axis=1
 #: Path patterns (regular expressions, searched in the ``/``-joined key path)
 #: that :func:`route_by_path` sends to the Adam fallback by default: token and
 #: position embeddings and the output head, as in the NAMO and NorMuon
-#: references. Leaves of rank < 2 (biases, norm scales) go there regardless.
+#: references, and biases and norm scales, which are 2-D when stacked over
+#: layers. Every leaf of rank < 2 goes there regardless.
 DEFAULT_ADAM_PATTERNS: tuple[str, ...] = (
   r"embed",
   r"(^|/)(wte|wpe|tok_emb|pos_emb)(/|$)",
   r"(^|/)(lm_head|head|output_head|readout)(/|$)",
+  r"(^|/)(bias|scale)(/|$)",
 )
 
 

@@ -1,0 +1,288 @@
+"""NAMO, NAMO-D and NorMuon against our NumPy statement of the specification."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import optax_orth
+from optax_orth import MuonDimensionNumbers as DN
+from tests import reference_numpy as ref
+
+SHAPES = {"wide": (32, 48), "tall": (48, 32), "stacked": (4, 24, 40)}
+DIMS = {"wide": DN(), "tall": DN(), "stacked": DN(1, 2)}
+STEPS = 25
+
+
+def _scaled_gradients(steps, seed=0):
+  """Gradients with a fixed, leaf-specific scale per row and per column."""
+  rng = np.random.default_rng(seed)
+  scales = {
+    name: (
+      np.exp(rng.uniform(-2, 2, (*shape[:-1], 1))),
+      np.exp(rng.uniform(-2, 2, (1,) * (len(shape) - 1) + shape[-1:])),
+    )
+    for name, shape in SHAPES.items()
+  }
+  return [
+    {
+      name: (rs * rng.standard_normal(SHAPES[name]) * cs).astype(np.float32)
+      for name, (rs, cs) in scales.items()
+    }
+    for _ in range(steps)
+  ]
+
+
+def _initial_params(seed=1):
+  rng = np.random.default_rng(seed)
+  return {
+    n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()
+  }
+
+
+def _run_optax(tx, params, grads, jit=True):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  trajectory = []
+  for g in grads:
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    trajectory.append(jax.tree.map(np.asarray, params))
+  return trajectory
+
+
+def _run_reference(make_rule, params, grads):
+  """Runs one NumPy rule per matrix (per batch element for stacked leaves)."""
+  params = {n: np.asarray(p, np.float64) for n, p in params.items()}
+  rules = {
+    n: [make_rule() for _ in range(p.shape[0])] if p.ndim == 3 else make_rule()
+    for n, p in params.items()
+  }
+  trajectory = []
+  for g in grads:
+    new = {}
+    for n, p in params.items():
+      if p.ndim == 3:
+        new[n] = np.stack([rules[n][b].step(p[b], g[n][b]) for b in range(p.shape[0])])
+      else:
+        new[n] = rules[n].step(p, g[n].astype(np.float64))
+    params = new
+    trajectory.append(params)
+  return trajectory
+
+
+def _assert_trajectories_close(ours, theirs, rtol=2e-4, atol=2e-5):
+  assert len(ours) == len(theirs)
+  for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+    for name in a:
+      np.testing.assert_allclose(
+        a[name], b[name], rtol=rtol, atol=atol, err_msg=f"step {step}, leaf {name}"
+      )
+
+
+CASES = {
+  "namo": (
+    lambda **kw: optax_orth.namo(0.01, weight_dimension_numbers=DIMS, **kw),
+    lambda **kw: functools.partial(ref.Namo, 0.01, **kw),
+  ),
+  "namo_d": (
+    lambda **kw: optax_orth.namo_d(0.01, weight_dimension_numbers=DIMS, **kw),
+    lambda **kw: functools.partial(ref.Namo, 0.01, diagonal=True, **kw),
+  ),
+  "normuon": (
+    lambda **kw: optax_orth.normuon(0.02, weight_dimension_numbers=DIMS, **kw),
+    lambda **kw: functools.partial(ref.NorMuon, 0.02, **kw),
+  ),
+}
+
+
+class SpecificationTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+      ("namo", "namo", {}, {}),
+      ("namo_decoupled", "namo", {"weight_decay_mode": "decoupled"},
+       {"decoupled": True}),
+      ("namo_no_nesterov", "namo", {"nesterov": False}, {"nesterov": False}),
+      ("namo_d", "namo_d", {}, {}),
+      ("namo_d_clamp_1", "namo_d", {"clamp": 1.0}, {"clamp": 1.0}),
+      ("namo_d_clamp_0_4", "namo_d", {"clamp": 0.4}, {"clamp": 0.4}),
+      ("namo_d_no_clamp", "namo_d", {"clamp": 0.0}, {"clamp": 0.0}),
+      ("namo_d_clamp_over_1", "namo_d", {"clamp": 1.5}, {"clamp": 1.5}),
+      ("namo_d_decoupled", "namo_d", {"weight_decay_mode": "decoupled"},
+       {"decoupled": True}),
+      ("normuon", "normuon", {}, {}),
+      ("normuon_wd", "normuon", {"weight_decay": 0.1}, {"wd": 0.1}),
+      ("normuon_paper", "normuon", {"target_rms": 0.2, "nesterov": False},
+       {"target_rms": 0.2, "nesterov": False}),
+  )  # fmt: skip
+  def test_trajectory_matches_numpy(self, name, kwargs, ref_kwargs):
+    make_tx, make_ref = CASES[name]
+    grads = _scaled_gradients(STEPS)
+    params = _initial_params()
+    ours = _run_optax(make_tx(**kwargs), params, grads)
+    theirs = _run_reference(make_ref(**ref_kwargs), params, grads)
+    _assert_trajectories_close(ours, theirs)
+
+  def test_schedule_reaches_the_caps(self):
+    # A large, decaying learning rate makes the caps min(alpha s, 1) bind early.
+    schedule = optax.linear_schedule(5.0, 0.001, STEPS)
+    grads = _scaled_gradients(STEPS, seed=3)
+    params = _initial_params()
+    tx = optax_orth.namo_d(schedule, weight_dimension_numbers=DIMS)
+    ours = _run_optax(tx, params, grads)
+    theirs = _run_reference(
+      functools.partial(ref.Namo, schedule, diagonal=True), params, grads
+    )
+    _assert_trajectories_close(ours, theirs)
+
+
+class BlocksTest(chex.TestCase):
+  def _record(self, shape=(6, 10), seed=0):
+    rng = np.random.default_rng(seed)
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    tx = optax_orth.orthogonalize_momentum(statistics=True)
+    updates, _ = tx.update({"w": g}, tx.init({"w": g}))
+    return updates
+
+  def test_statistics_are_row_norms_of_gradient_and_momentum(self):
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((6, 10)).astype(np.float32)
+    tx = optax_orth.orthogonalize_momentum(0.9, statistics=True)
+    u, _ = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.asarray(g)}))
+    mt = 0.1 * g + 0.9 * (0.1 * g)  # Nesterov direction after one step
+    np.testing.assert_allclose(u["w"].grad_sq_norms[0], (g * g).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(u["w"].momentum_sq_norms[0], (mt * mt).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(u["w"].direction, ref.ns(mt), atol=2e-5)
+
+  @parameterized.parameters(0.0, 1.5)
+  def test_clamp_disabled(self, c):
+    d = jnp.asarray([[0.1, 1.0, 10.0]])
+    rec = optax_orth.MatrixUpdate(jnp.zeros((3, 2)), d, d, step_size=d)
+    out, _ = optax_orth.clamp_diagonal(c).update({"w": rec}, ())
+    np.testing.assert_array_equal(out["w"].step_size, d)
+
+  def test_clamp_one_gives_the_mean(self):
+    d = jnp.asarray([[0.1, 1.0, 10.0], [1.0, 2.0, 3.0]])
+    rec = optax_orth.MatrixUpdate(jnp.zeros((2, 3, 2)), d, d, step_size=d)
+    out, _ = optax_orth.clamp_diagonal(1.0).update({"w": rec}, ())
+    expected = np.repeat(np.asarray(d).mean(1, keepdims=True), 3, 1)
+    np.testing.assert_allclose(out["w"].step_size, expected, rtol=1e-6)
+
+  def test_clamp_leaves_non_finite_or_zero_mean_alone(self):
+    d = jnp.asarray([[0.0, 0.0, 0.0], [1.0, jnp.inf, 2.0]])
+    rec = optax_orth.MatrixUpdate(jnp.zeros((2, 3, 2)), d, d, step_size=d)
+    out, _ = optax_orth.clamp_diagonal(0.5).update({"w": rec}, ())
+    np.testing.assert_array_equal(out["w"].step_size, d)
+
+  def test_normuon_normalization_on_namo_d_diagonal(self):
+    """A variant built from public blocks: NorMuon's normalization under NAMO-D."""
+    grads = _scaled_gradients(12, seed=5)
+    params = _initial_params()
+    tx = optax.chain(
+      optax_orth.orthogonalize_momentum(statistics=True, weight_dimension_numbers=DIMS),
+      optax_orth.scale_by_neuron_rms(weight_dimension_numbers=DIMS),
+      optax_orth.scale_by_norm_adaptive(
+        granularity="input_feature", weight_dimension_numbers=DIMS
+      ),
+      optax_orth.clamp_diagonal(0.75),
+      optax_orth.scale_by_capped_step(
+        0.01, weight_decay=0.1, weight_dimension_numbers=DIMS
+      ),
+    )
+    ours = _run_optax(tx, params, grads)
+
+    def variant():
+      neuron = ref.NorMuon(0.0)
+      return ref.Namo(
+        0.01, diagonal=True, direction=lambda mt: neuron.normalize(ref.ns(mt))
+      )
+
+    theirs = _run_reference(variant, params, grads)
+    _assert_trajectories_close(ours, theirs)
+
+  def test_norm_adaptive_needs_statistics(self):
+    tx = optax_orth.scale_by_norm_adaptive()
+    params = {"w": jnp.ones((3, 4))}
+    with self.assertRaisesRegex(ValueError, "'w'.*statistics=True"):
+      tx.update(params, tx.init(params))
+
+  def test_clamp_needs_step_size(self):
+    rec = self._record()
+    with self.assertRaisesRegex(ValueError, "'w'.*scale_by_norm_adaptive"):
+      optax_orth.clamp_diagonal().update(rec, ())
+
+  def test_capped_step_needs_params_for_decay(self):
+    tx = optax_orth.scale_by_capped_step(0.1, weight_decay=0.1)
+    rec = self._record()
+    rec = {"w": rec["w"]._replace(step_size=jnp.ones((1, 1)))}
+    with self.assertRaisesRegex(ValueError, "needs params"):
+      tx.update(rec, tx.init(None))
+
+  def test_state_is_muon_plus_one_vector_per_matrix(self):
+    params = {n: jnp.zeros(s) for n, s in SHAPES.items()}
+    sizes = {}
+    for name, tx in {
+      "muon": optax_orth.muon(0.02, muon_weight_dimension_numbers=DIMS),
+      "namo": optax_orth.namo(weight_dimension_numbers=DIMS),
+      "namo_d": optax_orth.namo_d(weight_dimension_numbers=DIMS),
+      "normuon": optax_orth.normuon(weight_dimension_numbers=DIMS),
+    }.items():
+      sizes[name] = sum(x.size for x in jax.tree.leaves(tx.init(params)))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    matrices = {"wide": 1, "tall": 1, "stacked": 4}
+    fan_in = {"wide": 32, "tall": 48, "stacked": 24}
+    fan_out = {"wide": 48, "tall": 32, "stacked": 40}
+    assert sizes["muon"] <= n_params + 4  # momentum and counts
+    assert sizes["namo"] - sizes["muon"] <= sum(matrices.values()) + 4
+    assert sizes["namo_d"] - sizes["muon"] <= (
+      sum(matrices[n] * fan_in[n] for n in SHAPES) + 4
+    )
+    assert sizes["normuon"] - sizes["muon"] <= (
+      sum(matrices[n] * fan_out[n] for n in SHAPES) + 4
+    )
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_zero_gradient_gives_zero_update(self):
+    params = _initial_params()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for tx in (
+      optax_orth.namo(weight_dimension_numbers=DIMS, weight_decay=0.0),
+      optax_orth.namo_d(weight_dimension_numbers=DIMS, weight_decay=0.0),
+      optax_orth.normuon(weight_dimension_numbers=DIMS),
+    ):
+      updates, _ = self.variant(tx.update)(zeros, tx.init(params), params)
+      for u in jax.tree.leaves(updates):
+        assert np.all(np.isfinite(u)) and not np.any(u)
+
+  def test_inject_hyperparams(self):
+    params = _initial_params()
+    grads = _scaled_gradients(3)
+    for factory, kwargs in (
+      (optax_orth.namo_d, {"learning_rate": 0.01, "clamp": 0.5}),
+      (optax_orth.namo, {"learning_rate": 0.01, "b2": 0.9}),
+      (optax_orth.normuon, {"learning_rate": 0.02}),
+    ):
+      tx = optax.inject_hyperparams(factory, static_args=("ns_steps",))(
+        weight_dimension_numbers=DIMS, **kwargs
+      )
+      plain = factory(weight_dimension_numbers=DIMS, **kwargs)
+      a = _run_optax(tx, params, grads)
+      b = _run_optax(plain, params, grads)
+      chex.assert_trees_all_close(a[-1], b[-1], rtol=1e-6, atol=1e-7)
+
+  @parameterized.parameters(("b1", 1.0), ("b2", -0.1), ("eps", -1.0))
+  def test_bad_hyperparameters(self, name, value):
+    with self.assertRaisesRegex(ValueError, name):
+      optax_orth.namo(**{name: value})
+
+  def test_bad_weight_decay_mode(self):
+    with self.assertRaisesRegex(ValueError, "weight_decay_mode"):
+      optax_orth.namo(weight_decay_mode="l2")
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
