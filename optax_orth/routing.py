@@ -250,6 +250,13 @@ def route_by_path(
   compiled_adam = [re.compile(p) for p in adam_patterns]
 
   def spec_fn(params):
+    if isinstance(params, jax.Array) and jnp.issubdtype(params.dtype, jnp.integer):
+      raise ValueError(
+        "a route_by_path spec was called with a step count: under "
+        "optax.inject_hyperparams, pass static_args=('weight_dimension_numbers',)"
+        " (or 'muon_weight_dimension_numbers') so it is not taken for a schedule."
+      )
+
     def one(path, x):
       name = path_str(path)
       if jnp.ndim(x) < 2 or any(p.search(name) for p in compiled_adam):

@@ -160,6 +160,11 @@ class BehaviourTest(chex.TestCase):
     )
     state = tx.init(params)
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    bad = optax.inject_hyperparams(optax_orth.muon)(
+      0.02, muon_weight_dimension_numbers=DIMS
+    )
+    with self.assertRaisesRegex(ValueError, "static_args=\\('ns_steps',\\)"):
+      jax.jit(bad.update)(grads[0], bad.init(params), params)
     u, _ = jax.jit(tx.update)(grads[0], state, params)
     assert all(not np.any(x) for x in jax.tree.leaves(u))
 

@@ -266,9 +266,7 @@ class BlocksTest(chex.TestCase):
       (optax_orth.namo, {"learning_rate": 0.01, "b2": 0.9}),
       (optax_orth.normuon, {"learning_rate": 0.02}),
     ):
-      tx = optax.inject_hyperparams(factory, static_args=("ns_steps",))(
-        weight_dimension_numbers=DIMS, **kwargs
-      )
+      tx = optax.inject_hyperparams(factory)(weight_dimension_numbers=DIMS, **kwargs)
       plain = factory(weight_dimension_numbers=DIMS, **kwargs)
       a = _run_optax(tx, params, grads)
       b = _run_optax(plain, params, grads)

@@ -134,3 +134,17 @@ def test_partition_state_routes_adam():
   state = tx.init(params)
   adam_state = state.inner_states["adam"].inner_state
   assert isinstance(adam_state[0], optax.ScaleByAdamState)
+
+
+def test_path_spec_under_inject_hyperparams_is_an_error_not_a_silent_reroute():
+  params = {"w": jnp.ones((4, 6)), "embed": jnp.ones((10, 4))}
+  tx = optax.inject_hyperparams(optax_orth.namo_d)(
+    learning_rate=0.01, weight_dimension_numbers=optax_orth.route_by_path()
+  )
+  with pytest.raises(ValueError, match="static_args"):
+    tx.update(params, tx.init(params), params)
+  tx = optax.inject_hyperparams(
+    optax_orth.namo_d, static_args=("weight_dimension_numbers",)
+  )(learning_rate=0.01, weight_dimension_numbers=optax_orth.route_by_path())
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert updates["w"].shape == (4, 6)
