@@ -1,12 +1,15 @@
 """optax_orth: orthogonalized-momentum optimizers as composable Optax blocks."""
 
+from optax_orth import diagnostics as diagnostics
 from optax_orth.aliases import muon, namo, namo_d, normuon
 from optax_orth.orthogonalizers import (
   PRESETS,
+  NewtonSchulzFlops,
   NewtonSchulzPreset,
   Orthogonalizer,
   make_newton_schulz,
   newton_schulz,
+  newton_schulz_flops,
   polar_svd,
 )
 from optax_orth.routing import (
@@ -17,6 +20,11 @@ from optax_orth.routing import (
   matrix_layout,
   route_by_path,
   routing_table,
+)
+from optax_orth.sharding import (
+  OwnerSharding,
+  hlo_collective_bytes,
+  state_shardings,
 )
 from optax_orth.transforms import (
   MatrixUpdate,
@@ -41,13 +49,16 @@ __all__ = [
   "MatrixLayout",
   "MatrixUpdate",
   "MuonDimensionNumbers",
+  "NewtonSchulzFlops",
   "NewtonSchulzPreset",
   "OrthogonalizeMomentumState",
   "Orthogonalizer",
+  "OwnerSharding",
   "ScaleByCappedStepState",
   "ScaleByNeuronRmsState",
   "ScaleByNormAdaptiveState",
   "clamp_diagonal",
+  "hlo_collective_bytes",
   "label_tree",
   "make_newton_schulz",
   "matrix_layout",
@@ -55,6 +66,7 @@ __all__ = [
   "namo",
   "namo_d",
   "newton_schulz",
+  "newton_schulz_flops",
   "normuon",
   "orthogonalize_momentum",
   "polar_svd",
@@ -65,4 +77,5 @@ __all__ = [
   "scale_by_norm_adaptive",
   "scale_by_shape",
   "shape_scale",
+  "state_shardings",
 ]

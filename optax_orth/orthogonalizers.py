@@ -19,6 +19,7 @@ import numpy as np
 
 Orthogonalizer = Callable[[jax.Array], jax.Array]
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
+Method = Literal["auto", "plain", "gram"]
 CoeffsLike = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
 
@@ -114,7 +115,13 @@ def resolve_coeffs(
     default_steps = 5 if rows.shape[0] == 1 else rows.shape[0]
   if steps is None:
     steps = default_steps
-  steps = int(steps)
+  try:
+    steps = int(steps)
+  except jax.errors.ConcretizationTypeError:
+    raise ValueError(
+      "ns_steps must be a static int; under optax.inject_hyperparams pass "
+      "static_args=('ns_steps',)."
+    ) from None
   if steps < 1:
     raise ValueError(f"Newton-Schulz steps must be >= 1; got ns_steps={steps}.")
   if steps <= rows.shape[0]:
@@ -133,33 +140,110 @@ def _check_eps(eps) -> None:
     raise ValueError(f"eps must be a non-negative number; got eps={eps}.")
 
 
-def _ns_step(x: jax.Array, a: jax.Array, row) -> jax.Array:
+def _sym_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b`` for a product known to be symmetric, from its upper half.
+
+  Computes the top ``h = n // 2`` rows and the bottom-right block (3/4 of the
+  FLOPs of ``a @ b``) and mirrors the bottom-left block.
+  """
+  h = a.shape[-2] // 2
+  top = a[..., :h, :] @ b
+  bottom_right = a[..., h:, :] @ b[..., :, h:]
+  bottom = jnp.concatenate([jnp.swapaxes(top[..., :, h:], -1, -2), bottom_right], -1)
+  return jnp.concatenate([top, bottom], -2)
+
+
+def _matmul(a: jax.Array, b: jax.Array, symmetric: bool) -> jax.Array:
+  return _sym_matmul(a, b) if symmetric and a.shape[-2] > 1 else a @ b
+
+
+def _ns_step(x: jax.Array, a: jax.Array, row, symmetric: bool = False) -> jax.Array:
   """One quintic step ``x <- a0 x + (a1 A + a2 A A) x`` with ``A = x x^T``."""
-  b = row[1] * a + row[2] * (a @ a)
+  b = row[1] * a + row[2] * _matmul(a, a, symmetric)
   return row[0] * x + b @ x
 
 
-def _gram(x: jax.Array) -> jax.Array:
-  return x @ jnp.swapaxes(x, -1, -2)
+def _gram(x: jax.Array, symmetric: bool = False) -> jax.Array:
+  return _matmul(x, jnp.swapaxes(x, -1, -2), symmetric)
 
 
 def _safe_divide(x: jax.Array, denom: jax.Array) -> jax.Array:
   return x / jnp.where(denom > 0, denom, 1).astype(x.dtype)
 
 
+def _safe_rsqrt(x: jax.Array) -> jax.Array:
+  """``1 / sqrt(x)``, and 0 where ``x == 0`` (a zero row or matrix stays zero)."""
+  return jnp.where(x > 0, jax.lax.rsqrt(jnp.where(x > 0, x, 1)), 0).astype(x.dtype)
+
+
+def _power_of_two_scale(x: jax.Array) -> jax.Array:
+  """Per trailing matrix, a power of two ``s`` with ``max |s x|`` in ``[0.5, 1)``.
+
+  Multiplying by a power of two is exact, so normalizing ``s x`` with ``eps``
+  scaled by ``s`` gives the same bits as normalizing ``x``, but the squares
+  that the norms sum no longer overflow (``|x| > ~1e19`` in float32) or
+  underflow (``|x| < ~1e-19``). Float32, shape ``(..., 1, 1)``; 1 for a zero
+  or non-finite matrix; clipped so that ``s`` is a normal number of both
+  float32 and ``x.dtype``.
+  """
+  amax = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True).astype(jnp.float32)
+  _, e = jnp.frexp(amax)  # amax = m 2^e, m in [0.5, 1); e = 0 for 0, inf, nan
+  info = jnp.finfo(x.dtype)
+  e = jnp.clip(e, max(1 - info.maxexp, -127), min(-info.minexp, 126))
+  return jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)  # 2^-e
+
+
 def _precondition_first_step(
-  x: jax.Array, preconditioning: str, eps
+  x: jax.Array, preconditioning: str, eps, symmetric: bool = False
 ) -> tuple[jax.Array, jax.Array]:
   """AOL or Schatten-4 rescaling, folded into the first step's Gram matrix."""
-  a = _gram(x)
+  a = _gram(x, symmetric)
   if preconditioning == "aol":
     # Boissin et al. (2025): row scaling s_i = (sum_j |A_ij|)^(-1/2).
-    s = jax.lax.rsqrt(jnp.maximum(jnp.abs(a).sum(-1), eps))[..., :, None]
+    s = _safe_rsqrt(jnp.maximum(jnp.abs(a).sum(-1, keepdims=True), eps))
     return x * s, a * s * jnp.swapaxes(s, -1, -2)
   # Grishina et al. (2025): scale by ||X X^T||_F^(-1/2) = ||X||_{S4}^(-1).
-  s = jax.lax.rsqrt(jnp.maximum(jnp.linalg.norm(a, axis=(-2, -1)), eps))
-  s = s[..., None, None]
+  s = jnp.linalg.norm(a, axis=(-2, -1), keepdims=True)
+  s = _safe_rsqrt(jnp.maximum(s, eps))
   return x * s, a * s * s
+
+
+def _poly(a: jax.Array, row, symmetric: bool) -> jax.Array:
+  """``p(A) = a I + b A + c A^2`` for a symmetric ``A`` (one product)."""
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  return (row[1] * a + row[2] * _matmul(a, a, symmetric)) + row[0] * eye
+
+
+def _gram_segment(x, r, rows, unroll: bool, symmetric: bool):
+  """Runs ``len(rows)`` Newton–Schulz steps on the Gram matrix ``r = x x^T``.
+
+  With ``P_k = p_k(R_k)`` (every matrix here is a polynomial in ``R_0``, so all
+  of them are symmetric and commute): ``Q <- P_k Q``, ``R_{k+1} = P_k R_k
+  P_k``, and at the end ``x <- Q x``.
+  """
+  mm = functools.partial(_matmul, symmetric=symmetric)
+  p = _poly(r, rows[0], symmetric)
+  q = p
+  n = len(rows)
+
+  def body(carry, row):
+    r, p, q = carry
+    r = mm(mm(p, r), p)
+    p = _poly(r, row, symmetric)
+    return (r, p, mm(p, q)), None
+
+  if unroll:
+    for i in range(1, n):
+      (r, p, q), _ = body((r, p, q), rows[i])
+  elif n > 1:
+    (r, p, q), _ = jax.lax.scan(body, (r, p, q), rows[1:])
+  return q @ x
+
+
+def _gram_saves_work(r: int, c: int, rows: int, restart: int, symmetric: bool) -> bool:
+  kw = dict(restart=restart, symmetric=symmetric)
+  plain = newton_schulz_flops((r, c), rows, method="plain", **kw).total
+  return newton_schulz_flops((r, c), rows, method="gram", **kw).total < plain
 
 
 def newton_schulz(
@@ -172,20 +256,42 @@ def newton_schulz(
   safety: float | None = None,
   preconditioning: Preconditioning = "frobenius",
   unroll: bool = True,
+  method: Method = "auto",
+  restart: int | None = None,
+  symmetric: bool = False,
 ) -> jax.Array:
   r"""Approximates the polar factor of each trailing matrix by Newton–Schulz.
 
   For ``X`` of shape ``(..., m, n)``, each matrix is transposed so that it has
-  no more rows than columns, normalized, ``X <- X / (||X||_F * safety + eps)``,
-  then iterated with one quintic step per coefficient row ``(a, b, c)``:
+  no more rows than columns (``r x c``, ``r <= c``), normalized,
+  ``X <- X / (||X||_F * safety + eps)``, then iterated with one quintic step
+  per coefficient row ``(a, b, c)``:
 
   .. math::
     A = X X^\top, \qquad X \leftarrow a X + (b A + c A^2) X.
 
-  Each step costs ``4 r^2 c + 2 r^3`` FLOPs for an ``r x c`` matrix
-  (``r <= c``). The iteration commutes with transposition, so
-  ``NS(X.T) == NS(X).T``, and the normalization makes it invariant to scaling
-  ``X`` by a positive constant (up to ``eps``). A zero matrix maps to zero.
+  ``method="plain"`` runs exactly that: ``4 r^2 c + 2 r^3`` FLOPs a step.
+  ``method="gram"`` runs the same iteration on the ``r x r`` Gram matrix.
+  Each step's factor ``P_k = a I + b R_k + c R_k^2`` is a polynomial in
+  ``R_0 = X_0 X_0^\top``, so
+
+  .. math::
+    X_k = Q_k X_0, \quad Q_{k+1} = P_k Q_k, \quad R_{k+1} = P_k R_k P_k,
+
+  and ``X`` is touched twice per segment (``R_0 = X X^T`` and ``X <- Q X``)
+  instead of twice per step: ``4 r^2 c`` per segment plus ``8 r^3`` per step
+  (less ``6 r^3`` per segment). Every ``restart`` steps the segment ends,
+  ``X`` and ``R`` are re-formed from scratch and ``Q`` is reset, which bounds
+  the growth of rounding errors in ``R`` and ``Q``. In exact arithmetic both
+  methods give the same result. ``method="auto"`` (default) uses the Gram form
+  when :func:`newton_schulz_flops` counts fewer FLOPs for it (about
+  ``c > 1.5 r`` at 5 steps, for every restart period), otherwise the plain one.
+
+  The iteration commutes with transposition, so ``NS(X.T) == NS(X).T``, and
+  the normalization makes it invariant to scaling ``X`` by a positive constant
+  (up to ``eps``). A zero matrix maps to zero. The normalization first scales
+  each matrix by a power of two (exactly, with ``eps`` scaled to match), so
+  it neither overflows nor underflows for any finite input.
 
   Args:
     x: array of shape ``(..., m, n)``; leading axes are a batch.
@@ -205,9 +311,19 @@ def newton_schulz(
     unroll: unroll the steps in Python (``True``) or run them in a
       ``lax.scan`` (``False``), which keeps compile time and the live set
       small for many steps.
+    method: ``"auto"``, ``"plain"`` or ``"gram"`` (see above).
+    restart: Gram steps per segment (``None``: ``orthogonalizers.GRAM_RESTART`` for the
+      compute dtype). Unused by the plain method.
+    symmetric: compute the products known to be symmetric (``X X^T``,
+      ``A^2``, and in the Gram form every ``r x r`` product) from their upper
+      half, 3/4 of their FLOPs, and mirror the rest.
 
   Returns:
     The orthogonalized array, same shape and dtype as ``x``.
+
+  Raises:
+    ValueError: for an array of rank < 2 or not floating, an unknown
+      preconditioning or method, or ``restart < 1``.
 
   References:
     Jordan et al., `Muon: An optimizer for hidden layers in neural networks
@@ -223,6 +339,7 @@ def newton_schulz(
     )
   if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
     raise ValueError(f"Unknown preconditioning={preconditioning!r}.")
+  _check_method(method, restart)
   _check_eps(eps)
   rows, preset_safety = resolve_coeffs(coeffs, steps)
   safety = preset_safety if safety is None else safety
@@ -234,27 +351,55 @@ def newton_schulz(
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   x = x.astype(compute_dtype)
+  r_dim, c_dim = x.shape[-2:]
+  if restart is None:
+    restart = default_restart(compute_dtype)
+  if method == "auto":
+    gram_wins = _gram_saves_work(r_dim, c_dim, len(rows), restart, symmetric)
+    method = "gram" if gram_wins else "plain"
 
+  # x <- s x with s a power of two (exact), eps <- s eps: the same result,
+  # without overflow or underflow of the squares for |x| up to the dtype's max.
+  scale = _power_of_two_scale(x)
+  x = x * scale.astype(compute_dtype)
   if preconditioning in ("frobenius", "spectral"):
+    x_norm = x.astype(jnp.promote_types(compute_dtype, jnp.float32))
     if preconditioning == "frobenius":
-      norm = jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) * safety
+      norm = jnp.linalg.norm(x_norm, axis=(-2, -1), keepdims=True)
     else:
-      norm = jnp.linalg.norm(x.astype(jnp.float32), ord=2, axis=(-2, -1))
-      norm = norm[..., None, None].astype(compute_dtype) * safety
-    x = _safe_divide(x, norm + eps)
+      norm = jnp.linalg.norm(x_norm, ord=2, axis=(-2, -1))[..., None, None]
+    x = _safe_divide(x, norm * safety + eps * scale)
     first = None
   else:
-    first = _precondition_first_step(x, preconditioning, eps)
+    scaled_eps = (eps * scale * scale).astype(compute_dtype)
+    first = _precondition_first_step(x, preconditioning, scaled_eps, symmetric)
 
-  coeff_rows = jnp.asarray(rows, dtype=compute_dtype)
-  if first is not None:
-    x = _ns_step(first[0], first[1], coeff_rows[0])
-    coeff_rows = coeff_rows[1:]
+  # Unrolled: Python floats, constants in the compute dtype that XLA folds.
   if unroll:
-    for i in range(coeff_rows.shape[0]):
-      x = _ns_step(x, _gram(x), coeff_rows[i])
-  elif coeff_rows.shape[0]:
-    x, _ = jax.lax.scan(lambda x, r: (_ns_step(x, _gram(x), r), None), x, coeff_rows)
+    coeff_rows = [tuple(float(v) for v in row) for row in rows]
+  else:
+    coeff_rows = jnp.asarray(rows, dtype=compute_dtype)
+  if method == "gram":
+    for start in range(0, len(rows), restart):
+      seg = coeff_rows[start : start + restart]
+      if start == 0 and first is not None:
+        x, r = first
+      else:
+        r = _gram(x, symmetric)
+      x = _gram_segment(x, r, seg, unroll, symmetric)
+  else:
+    if first is not None:
+      x = _ns_step(first[0], first[1], coeff_rows[0], symmetric)
+      coeff_rows = coeff_rows[1:]
+
+    def step(x, row):
+      return _ns_step(x, _gram(x, symmetric), row, symmetric)
+
+    if unroll:
+      for i in range(len(coeff_rows)):
+        x = step(x, coeff_rows[i])
+    elif len(coeff_rows):
+      x, _ = jax.lax.scan(lambda x, row: (step(x, row), None), x, coeff_rows)
 
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
@@ -302,6 +447,135 @@ def make_newton_schulz(
   """
   resolve_coeffs(coeffs, steps)
   _check_eps(eps)
+  _check_method(kwargs.get("method", "auto"), kwargs.get("restart"))
   return functools.partial(
     newton_schulz, coeffs=coeffs, steps=steps, eps=eps, dtype=dtype, **kwargs
   )
+
+
+# ---------------------------------------------------------------------------
+# Gram restarts and FLOP counts.
+
+#: Default Gram steps per restart segment, per compute dtype (measured: see
+#: ``docs/benchmarks.md``). Other dtypes use the float32 value.
+GRAM_RESTART: dict[str, int] = {"float32": 3, "float64": 5, "bfloat16": 2, "float16": 2}
+
+
+def default_restart(dtype: jax.typing.DTypeLike) -> int:
+  """The default Gram restart period for a compute dtype."""
+  return GRAM_RESTART.get(jnp.dtype(dtype).name, GRAM_RESTART["float32"])
+
+
+def _check_method(method, restart) -> None:
+  if method not in ("auto", "plain", "gram"):
+    raise ValueError(
+      f"Unknown Newton-Schulz method={method!r}; choose 'auto', 'plain' or 'gram'."
+    )
+  if restart is not None and (not isinstance(restart, int) or restart < 1):
+    raise ValueError(
+      f"restart must be a positive int or None; got restart={restart!r}."
+    )
+
+
+class NewtonSchulzFlops(NamedTuple):
+  """FLOPs of one :func:`newton_schulz` call, see :func:`newton_schulz_flops`."""
+
+  matmul: int
+  elementwise: int
+
+  @property
+  def total(self) -> int:
+    return self.matmul + self.elementwise
+
+
+def _product_flops(r: int, k: int, symmetric: bool) -> int:
+  """FLOPs of an ``(r, k) @ (k, r)`` product, or of its symmetric half."""
+  if not symmetric or r == 1:
+    return 2 * r * k * r
+  h = r // 2
+  return 2 * h * k * r + 2 * (r - h) * k * (r - h)
+
+
+def newton_schulz_flops(
+  shape: Sequence[int],
+  coeffs: CoeffsLike | int = "standard",
+  steps: int | None = None,
+  *,
+  method: Method = "auto",
+  restart: int | None = None,
+  preconditioning: Preconditioning = "frobenius",
+  symmetric: bool = False,
+  dtype: jax.typing.DTypeLike = jnp.float32,
+) -> NewtonSchulzFlops:
+  """Exact FLOP count of :func:`newton_schulz` on an array of ``shape``.
+
+  Counts what the implementation computes, per matrix ``r x c`` (``r <= c``
+  after the transposition), times the batch size:
+
+  * ``matmul``: every matrix product ``(m, k) @ (k, n)`` as ``2 m k n``
+    (a symmetric half-product, ``symmetric=True``, as the two products it
+    runs);
+  * ``elementwise``: one FLOP per element per arithmetic operation on the
+    ``r x c`` and ``r x r`` arrays: the normalization ``3 r c`` (square, sum,
+    divide); per plain step ``3 r^2`` (``b A + c A^2``) and ``2 r c``
+    (``a X + B X``); per Gram step ``4 r^2`` (``b R + c R^2 + a I``).
+    Per-matrix scalar operations and the SVD of ``"spectral"`` are not
+    counted.
+
+  A plain step is ``4 r^2 c + 2 r^3`` matmul FLOPs. A Gram segment of ``m``
+  steps is ``4 r^2 c + (8 m - 6) r^3``.
+
+  Args:
+    shape: ``(..., m, n)``.
+    coeffs: as in :func:`newton_schulz`, or the number of steps.
+    steps: as in :func:`newton_schulz`.
+    method: ``"auto"`` (resolved as :func:`newton_schulz` does), ``"plain"``
+      or ``"gram"``.
+    restart: Gram steps per segment (``None``: the default for ``dtype``).
+    preconditioning: as in :func:`newton_schulz`.
+    symmetric: as in :func:`newton_schulz`.
+    dtype: compute dtype; only selects the default ``restart``.
+
+  Returns:
+    A :class:`NewtonSchulzFlops` (``matmul``, ``elementwise``, ``total``).
+  """
+  if len(shape) < 2:
+    raise ValueError(f"shape must have rank >= 2; got {tuple(shape)}.")
+  if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
+    raise ValueError(f"Unknown preconditioning={preconditioning!r}.")
+  _check_method(method, restart)
+  n_steps = coeffs if isinstance(coeffs, int) else len(resolve_coeffs(coeffs, steps)[0])
+  batch = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
+  r, c = sorted(int(d) for d in shape[-2:])
+  if restart is None:
+    restart = default_restart(dtype)
+  if method == "auto":
+    gram_wins = _gram_saves_work(r, c, n_steps, restart, symmetric)
+    method = "gram" if gram_wins else "plain"
+  xxt = _product_flops(r, c, symmetric)  # X X^T
+  rrr = _product_flops(r, r, symmetric)  # a symmetric r x r product
+  mm = ew = 0
+  if preconditioning in ("frobenius", "spectral"):
+    ew += 3 * r * c if preconditioning == "frobenius" else r * c
+    pre_gram = False
+  else:
+    # A = X X^T; the scale (AOL: |A| summed per row, rsqrt; Schatten: ||A||_F);
+    # X * s; A * s * s^T.
+    mm += xxt
+    ew += r * c + 4 * r * r + (r if preconditioning == "aol" else 0)
+    pre_gram = True
+  if method == "plain":
+    for k in range(n_steps):
+      if not (k == 0 and pre_gram):
+        mm += xxt
+      mm += rrr + 2 * r * r * c
+      ew += 3 * r * r + 2 * r * c
+  else:
+    for start in range(0, n_steps, restart):
+      m = min(restart, n_steps - start)
+      if not (start == 0 and pre_gram):
+        mm += xxt
+      # m products R^2; per later step P R, (P R) P, P Q; then Q X.
+      mm += m * rrr + (m - 1) * 3 * rrr + 2 * r * r * c
+      ew += m * 4 * r * r
+  return NewtonSchulzFlops(matmul=batch * mm, elementwise=batch * ew)
