@@ -16,6 +16,7 @@ import optax
 from optax_orth import orthogonalizers as orth_lib
 from optax_orth import transforms
 from optax_orth.routing import DimensionNumbersSpec, label_tree, route_by_path
+from optax_orth.sharding import OwnerSharding
 
 
 def _partition(
@@ -23,10 +24,48 @@ def _partition(
   adam: optax.GradientTransformation,
   spec: DimensionNumbersSpec,
 ) -> optax.GradientTransformation:
-  return optax.partition(
+  tx = optax.partition(
     {"orthogonal": orthogonal, "adam": adam},
     lambda params: label_tree(params, spec),
   )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # Name the offending leaf before optax.partition fails on a bare tree error.
+    reference = _parameter_shapes(state)
+    if reference is not None:
+      transforms._check_matches_state(updates, reference, "update")
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _parameter_shapes(state: optax.PartitionState) -> Any:
+  """The parameters' tree, rebuilt from the two branches' first moments.
+
+  Each branch's first moment (``orthogonalize_momentum``'s and AdamW's ``mu``)
+  holds the leaves of its branch and ``optax.MaskedNode`` elsewhere. Returns
+  ``None`` if either is not found.
+  """
+  if not isinstance(state, optax.PartitionState):
+    raise ValueError(
+      "update: expected the state that this optimizer's init returned (an "
+      f"optax.PartitionState); got {type(state).__name__}."
+    )
+  has_mu = lambda x: isinstance(x, tuple) and hasattr(x, "mu")
+  moments = []
+  for inner in state.inner_states.values():
+    found = [x for x in jax.tree.leaves(inner, is_leaf=has_mu) if has_mu(x)]
+    if not found:
+      return None
+    moments.append(found[0].mu)
+  masked = transforms._is_masked
+  leaves, treedef = jax.tree.flatten(moments[0], is_leaf=masked)
+  for other in moments[1:]:
+    other_leaves = jax.tree.leaves(other, is_leaf=masked)
+    if len(other_leaves) != len(leaves):
+      return None
+    leaves = [y if masked(x) else x for x, y in zip(leaves, other_leaves, strict=True)]
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def muon(
@@ -51,6 +90,7 @@ def muon(
   consistent_rms: float | None = None,
   ns_dtype: jax.typing.DTypeLike | None = None,
   orthogonalizer: orth_lib.Orthogonalizer | None = None,
+  sharding: OwnerSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""Muon: momentum orthogonalized by Newton–Schulz; a drop-in for optax's.
 
@@ -97,6 +137,9 @@ def muon(
     ns_dtype: Newton–Schulz compute dtype (``None``: the momentum's).
     orthogonalizer: replaces Newton–Schulz, see
       :func:`optax_orth.orthogonalize_momentum`.
+    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
+      each matrix whole on one device of a mesh (the owner scheme, see
+      :mod:`optax_orth.sharding`); a no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -116,7 +159,8 @@ def muon(
     steps = None  # As optax: every row runs once.
   elif (
     isinstance(ns_coeffs, str)
-    and len(orth_lib.PRESETS.get(ns_coeffs, ((),)).coeffs) > 1
+    and ns_coeffs in orth_lib.PRESETS
+    and len(orth_lib.PRESETS[ns_coeffs].coeffs) > 1
   ):
     steps = None
   spec = muon_weight_dimension_numbers
@@ -134,6 +178,7 @@ def muon(
       orthogonalizer=orthogonalizer,
       adaptive=adaptive,
       weight_dimension_numbers=spec,
+      sharding=sharding,
     ),
     transforms.scale_by_shape(spec, consistent_rms),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -150,6 +195,13 @@ def muon(
     nesterov=nesterov,
   )
   return _partition(orthogonal, adam, spec)
+
+
+_DEFAULT_ROUTING = route_by_path()
+
+
+def _routing(spec: DimensionNumbersSpec) -> DimensionNumbersSpec:
+  return _DEFAULT_ROUTING if spec is None else spec
 
 
 def _namo_family(
@@ -175,8 +227,10 @@ def _namo_family(
   adam_b2,
   adam_eps,
   adam_weight_decay,
+  sharding=None,
 ):
-  spec = weight_dimension_numbers
+  transforms._check_unit_interval("b1", b1)
+  spec = _routing(weight_dimension_numbers)
   blocks = [
     transforms.orthogonalize_momentum(
       b1,
@@ -188,6 +242,7 @@ def _namo_family(
       ns_dtype=ns_dtype,
       statistics=True,
       weight_dimension_numbers=spec,
+      sharding=sharding,
     ),
     transforms.scale_by_norm_adaptive(
       b1, b2, eps, granularity=granularity, weight_dimension_numbers=spec
@@ -214,9 +269,6 @@ def _namo_family(
   return _partition(optax.chain(*blocks), adam, spec)
 
 
-_DEFAULT_ROUTING = route_by_path()
-
-
 def namo(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   *,
@@ -228,16 +280,17 @@ def namo(
   nesterov: bool = True,
   scale_coeff: float = 0.2,
   ns_coeffs: orth_lib.CoeffsLike = "standard",
-  ns_steps: int | None = 5,
+  ns_steps: int | None = None,
   ns_eps: float = 1e-7,
   ns_dtype: jax.typing.DTypeLike | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
-  weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
   adam_b1: float = 0.9,
   adam_b2: float = 0.95,
   adam_eps: float = 1e-8,
   adam_weight_decay: float = 0.0,
+  sharding: OwnerSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""NAMO: orthogonalized momentum with one adaptive step size per matrix.
 
@@ -272,24 +325,28 @@ def namo(
     nesterov: Nesterov momentum.
     scale_coeff: the shape coefficient of ``s``.
     ns_coeffs: Newton–Schulz coefficients (preset name or rows).
-    ns_steps: Newton–Schulz steps.
+    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
     ns_eps: Newton–Schulz normalization epsilon (``1e-7``, the reference's).
     ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
     mu_dtype: momentum dtype.
-    weight_dimension_numbers: a dimension-numbers spec; the default,
-      :func:`optax_orth.route_by_path`, sends embeddings, the head and
-      vectors to Adam and every other 2-D leaf to NAMO.
+    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
+      means ``optax_orth.route_by_path()``: embeddings, the head, biases, norm
+      scales and vectors go to Adam, every other 2-D leaf to NAMO.
     adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
     adam_b1: Adam's ``b1``.
     adam_b2: Adam's ``b2``.
     adam_eps: Adam's ``eps``.
     adam_weight_decay: Adam's weight decay.
+    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
+      each matrix whole on one device of a mesh (the owner scheme, see
+      :mod:`optax_orth.sharding`); a no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   References:
-    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026;
+    Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
   """
   return _namo_family(
@@ -300,6 +357,7 @@ def namo(
       weight_dimension_numbers=weight_dimension_numbers,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+      sharding=sharding,
   )  # fmt: skip
 
 
@@ -315,16 +373,17 @@ def namo_d(
   scale_coeff: float = 0.2,
   clamp: float = 0.75,
   ns_coeffs: orth_lib.CoeffsLike = "standard",
-  ns_steps: int | None = 5,
+  ns_steps: int | None = None,
   ns_eps: float = 1e-7,
   ns_dtype: jax.typing.DTypeLike | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
-  weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
   adam_b1: float = 0.9,
   adam_b2: float = 0.95,
   adam_eps: float = 1e-8,
   adam_weight_decay: float = 0.0,
+  sharding: OwnerSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""NAMO-D: NAMO with a clamped diagonal step size per input feature.
 
@@ -357,23 +416,27 @@ def namo_d(
     scale_coeff: the shape coefficient.
     clamp: ``c``; ``0`` or ``> 1`` disables the clamp (reference ``0.75``).
     ns_coeffs: Newton–Schulz coefficients (preset name or rows).
-    ns_steps: Newton–Schulz steps.
+    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
     ns_eps: Newton–Schulz normalization epsilon.
     ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
     mu_dtype: momentum dtype.
-    weight_dimension_numbers: a dimension-numbers spec (default
-      :func:`optax_orth.route_by_path`).
+    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
+      means ``optax_orth.route_by_path()``.
     adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
     adam_b1: Adam's ``b1``.
     adam_b2: Adam's ``b2``.
     adam_eps: Adam's ``eps``.
     adam_weight_decay: Adam's weight decay.
+    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
+      each matrix whole on one device of a mesh (the owner scheme, see
+      :mod:`optax_orth.sharding`); a no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   References:
-    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026;
+    Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
   """
   return _namo_family(
@@ -384,6 +447,7 @@ def namo_d(
       weight_dimension_numbers=weight_dimension_numbers,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+      sharding=sharding,
   )  # fmt: skip
 
 
@@ -397,16 +461,17 @@ def normuon(
   nesterov: bool = True,
   target_rms: float | None = None,
   ns_coeffs: orth_lib.CoeffsLike = "standard",
-  ns_steps: int | None = 5,
+  ns_steps: int | None = None,
   ns_eps: float = 1e-7,
   ns_dtype: jax.typing.DTypeLike | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
-  weight_dimension_numbers: DimensionNumbersSpec = _DEFAULT_ROUTING,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = 3e-4,
   adam_b1: float = 0.9,
   adam_b2: float = 0.95,
   adam_eps: float = 1e-10,
   adam_weight_decay: float = 0.0,
+  sharding: OwnerSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""NorMuon: Muon followed by per-neuron second-moment normalization.
 
@@ -439,18 +504,21 @@ def normuon(
     nesterov: Nesterov momentum.
     target_rms: ``None`` (released code) or the paper's fixed RMS.
     ns_coeffs: Newton–Schulz coefficients (preset name or rows).
-    ns_steps: Newton–Schulz steps.
+    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
     ns_eps: Newton–Schulz normalization epsilon.
     ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
     mu_dtype: momentum dtype.
-    weight_dimension_numbers: a dimension-numbers spec (default
-      :func:`optax_orth.route_by_path`).
+    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
+      means ``optax_orth.route_by_path()``.
     adam_learning_rate: Adam's learning rate (reference ``3e-4``; ``None``:
       ``learning_rate``).
     adam_b1: Adam's ``b1``.
     adam_b2: Adam's ``b2``.
     adam_eps: Adam's ``eps``.
     adam_weight_decay: Adam's weight decay.
+    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
+      each matrix whole on one device of a mesh (the owner scheme, see
+      :mod:`optax_orth.sharding`); a no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -459,7 +527,8 @@ def normuon(
     Li et al., `NorMuon: Making Muon more efficient and scalable
     <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
-  spec = weight_dimension_numbers
+  transforms._check_unit_interval("b1", b1)
+  spec = _routing(weight_dimension_numbers)
   blocks = [
     transforms.orthogonalize_momentum(
       b1,
@@ -470,6 +539,7 @@ def normuon(
       eps=ns_eps,
       ns_dtype=ns_dtype,
       weight_dimension_numbers=spec,
+      sharding=sharding,
     ),
     transforms.scale_by_neuron_rms(
       b2, eps, target_rms=target_rms, weight_dimension_numbers=spec

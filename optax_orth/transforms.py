@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_orth import orthogonalizers as orth_lib
+from optax_orth import sharding as sharding_lib
 from optax_orth.routing import (
   DimensionNumbersSpec,
   MatrixLayout,
@@ -80,16 +81,59 @@ def _check_non_negative(name: str, value) -> None:
     raise ValueError(f"{name} must be non-negative; got {name}={value}.")
 
 
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _check_matches_state(updates, reference, where: str) -> None:
+  """Raises a ValueError naming the leaf where updates and state disagree.
+
+  ``reference`` is a tree shaped like the parameters that the state was
+  initialized with; the tree structures and every leaf's shape must match.
+
+  ``optax.MaskedNode`` leaves (the other branch of a partition) are compared
+  by position only. Runs at trace time; costs nothing under ``jax.jit``.
+  """
+  ref, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=_is_masked)
+  upd, upd_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
+  if upd_def != ref_def:
+    ref_paths = {path_str(p) for p, _ in ref}
+    upd_paths = {path_str(p) for p, _ in upd}
+    missing, extra = sorted(ref_paths - upd_paths), sorted(upd_paths - ref_paths)
+    parts = [f"missing from the updates: {missing}"] if missing else []
+    parts += [f"unexpected in the updates: {extra}"] if extra else []
+    detail = "; ".join(parts) or f"containers differ: {upd_def} vs {ref_def}"
+    raise ValueError(
+      f"{where}: the updates do not have the tree structure of the parameters "
+      f"the optimizer state was initialized with ({detail})."
+    )
+  for (path, u), (_, r) in zip(upd, ref, strict=True):
+    if _is_masked(u) or _is_masked(r) or jnp.shape(u) == jnp.shape(r):
+      continue
+    raise ValueError(
+      f"{where}: leaf {path_str(path)!r} has shape {tuple(jnp.shape(u))}, but "
+      f"the optimizer state was initialized for shape {tuple(jnp.shape(r))}; "
+      "call init again after changing a parameter's shape."
+    )
+
+
 def _layouts(spec: DimensionNumbersSpec, tree, is_leaf=None):
   """(path, leaf, layout) for every array (or MatrixUpdate) leaf of tree."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  dims = leaf_dimension_numbers(spec, tree, is_leaf=is_leaf)
+  # A callable spec (route_by_path) sees the directions, not MatrixUpdate fields.
+  arrays = jax.tree.map(
+    lambda x: x.direction if _is_update(x) else x, tree, is_leaf=_is_update
+  )
+  dims = leaf_dimension_numbers(spec, arrays)
   out = []
   for (path, x), dn in zip(flat, dims, strict=True):
     name = path_str(path)
     shape = x.direction.shape if _is_update(x) else jnp.shape(x)
     out.append((name, x, matrix_layout(shape, dn, name)))
   return out, treedef
+
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def _row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
@@ -106,14 +150,19 @@ def _learning_rate(learning_rate, count):
 
 
 def orthogonalize_grouped(
-  matrices: list[jax.Array], orthogonalizer: orth_lib.Orthogonalizer
+  matrices: list[jax.Array],
+  orthogonalizer: orth_lib.Orthogonalizer,
+  sharding: sharding_lib.OwnerSharding | None = None,
 ) -> list[jax.Array]:
   """Orthogonalizes ``(batch, m, n)`` stacks with one call per shape.
 
   Tall stacks are transposed so that ``m <= n``, stacks of one shape and
   dtype are concatenated along the batch axis and orthogonalized together,
   and the results are split and transposed back. The orthogonalizer must
-  commute with transposition, as every polar approximation does.
+  commute with transposition, as every polar approximation does. With
+  ``sharding`` (an :class:`optax_orth.OwnerSharding`), each group is
+  distributed over the mesh so that every matrix is orthogonalized whole on
+  one device, see :func:`optax_orth.sharding.owner_orthogonalize`.
   """
   groups: dict[tuple, list[tuple[int, bool]]] = {}
   for i, x in enumerate(matrices):
@@ -124,6 +173,11 @@ def orthogonalize_grouped(
   swap = lambda x, tall: jnp.swapaxes(x, 1, 2) if tall else x
   for members in groups.values():
     xs = [swap(matrices[i], tall) for i, tall in members]
+    if sharding is not None:
+      ys = sharding_lib.owner_orthogonalize(xs, orthogonalizer, sharding)
+      for (i, tall), y in zip(members, ys, strict=True):
+        out[i] = swap(y, tall)
+      continue
     ys = orthogonalizer(jnp.concatenate(xs) if len(xs) > 1 else xs[0])
     offset = 0
     for (i, tall), x in zip(members, xs, strict=True):
@@ -154,6 +208,7 @@ def orthogonalize_momentum(
   adaptive: bool = False,
   statistics: bool = False,
   weight_dimension_numbers: DimensionNumbersSpec = None,
+  sharding: sharding_lib.OwnerSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""Momentum followed by orthogonalization of each matrix.
 
@@ -190,6 +245,10 @@ def orthogonalize_momentum(
       :func:`scale_by_norm_adaptive`.
     weight_dimension_numbers: a dimension-numbers spec
       (see :mod:`optax_orth.routing`); ``None``: every leaf is a 2-D matrix.
+    sharding: ``None``, or an :class:`optax_orth.OwnerSharding`: under
+      ``jax.jit`` on a device mesh, every matrix is orthogonalized whole on
+      one device of the owner axes (the "owner" scheme, see
+      :mod:`optax_orth.sharding`). A no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -218,6 +277,7 @@ def orthogonalize_momentum(
 
   def update_fn(updates, state, params=None):
     del params
+    _check_matches_state(updates, state.mu, "orthogonalize_momentum")
     entries, treedef = _layouts(weight_dimension_numbers, updates)
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
     count_inc = optax.safe_increment(state.count)
@@ -236,9 +296,12 @@ def orthogonalize_momentum(
       mu_hat = mu
 
     m_hats = jax.tree.leaves(mu_hat)
+    if sharding is not None:
+      m_hats = sharding_lib.keep_layout(m_hats, jax.tree.leaves(mu), sharding)
     orthogonal = orthogonalize_grouped(
       [lay.to_matrices(m) for (_, _, lay), m in zip(entries, m_hats, strict=True)],
       orthogonalizer,
+      sharding,
     )
     outs = []
     for (_, g, layout), m_hat, o in zip(entries, m_hats, orthogonal, strict=True):
@@ -449,7 +512,8 @@ def scale_by_norm_adaptive(
     per input feature) per matrix, and a step count.
 
   References:
-    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026;
+    Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
   """
   _check_unit_interval("b1", b1)
@@ -488,7 +552,10 @@ def scale_by_norm_adaptive(
       g2, m2 = u.grad_sq_norms, u.momentum_sq_norms
       if not per_feature:
         g2, m2 = g2.sum(-1, keepdims=True), m2.sum(-1, keepdims=True)
-      nu = b2 * nu + (1 - b2) * g2
+      # Squared norms of |G| > ~1e19 overflow float32: saturate them (and v)
+      # at float32's max so that d stays finite instead of inf / inf.
+      g2, m2 = jnp.minimum(g2, _F32_MAX), jnp.minimum(m2, _F32_MAX)
+      nu = jnp.minimum(b2 * nu + (1 - b2) * g2, _F32_MAX)
       d = correction * jnp.sqrt(m2) / (jnp.sqrt(nu) + eps)
       outs.append(u._replace(step_size=d if u.step_size is None else u.step_size * d))
       nus.append(nu)
@@ -515,7 +582,8 @@ def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformation:
     A stateless ``optax.GradientTransformation``.
 
   References:
-    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026.
+    Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026.
   """
   _check_non_negative("c", c)
 
@@ -582,7 +650,8 @@ def scale_by_capped_step(
     An ``optax.GradientTransformation``; its updates are plain arrays.
 
   References:
-    Zhang et al., `NAMO: Norm-based Adaptive Moment Orthogonalization`, 2026.
+    Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026.
   """
   _check_non_negative("weight_decay", weight_decay)
   _check_non_negative("scale_coeff", scale_coeff)

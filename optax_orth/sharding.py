@@ -1,0 +1,422 @@
+"""Distributed orthogonalization: the "owner" scheme over a device mesh.
+
+Under ``jax.jit`` with parameters and optimizer state sharded over a mesh
+(FSDP), the compiler's automatic partitioning of Newton–Schulz either gathers
+every matrix onto every device (``N``-fold redundant work) or keeps the
+matrices sharded and all-reduces a Gram matrix at every step. The *owner*
+scheme (NorMuon's and Dion's FSDP scheme, Megatron's "home rank") instead
+assigns every whole matrix to exactly one device: an all-to-all brings it
+there, that device alone orthogonalizes it, and a second all-to-all sends the
+shards back. Per device this is ``1/N`` of the compute and about
+``2 r c b (N - 1) / N^2`` bytes for an ``r x c`` matrix of ``b``-byte elements.
+
+This module expresses the scheme with JAX's own machinery: the matrices of one
+shape are laid out as a ``(N, Q, r, c)`` array whose first axis is constrained
+(``jax.lax.with_sharding_constraint`` with a ``NamedSharding``) to be sharded
+over the owner axes; the compiler inserts the all-to-alls. On ``Explicit``
+mesh axes (sharding in types) the same runs inside ``jax.sharding.auto_axes``
+and each result is returned in the sharding its input had. The layout is chosen so that
+a stacked leaf whose batch axis is a multiple of ``N`` moves into place without
+any extra reshuffling (its ``k``-th contiguous block of ``B / N`` matrices goes
+to device ``k``), and the remaining matrices of all leaves of that shape are
+pooled and padded with zero matrices to a multiple of ``N`` (Newton–Schulz maps
+a zero matrix to zero, so padding is harmless and never produces NaN).
+
+Pass ``sharding=OwnerSharding(...)`` to :func:`optax_orth.orthogonalize_momentum`
+or to any optimizer alias. On one device (or a mesh whose owner axes have size
+one) it is a no-op, so the same code runs on one CPU, on simulated devices,
+on several processes and on pods.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+  "OwnerSharding",
+  "hlo_collective_bytes",
+  "keep_layout",
+  "owner_axes",
+  "owner_orthogonalize",
+  "state_shardings",
+]
+
+
+class OwnerSharding(NamedTuple):
+  """Where the owner scheme distributes whole matrices.
+
+  Attributes:
+    mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``). ``None``: the mesh in
+      context at trace time, set with ``jax.set_mesh(mesh)``; if there is
+      none, the scheme is a no-op.
+    axis: a mesh axis name or a tuple of names over which matrices are
+      distributed (the data/FSDP axis, for example ``"fsdp"``). ``None``: every
+      non-manual axis of the mesh, so that each matrix is orthogonalized on
+      exactly one device of the whole mesh. With a tensor-parallel ``"model"``
+      axis left out of ``axis``, each matrix is orthogonalized once per
+      ``model`` group (replicated along it).
+  """
+
+  mesh: Any = None
+  axis: str | tuple[str, ...] | None = None
+
+
+def _mesh_of(sharding: OwnerSharding):
+  mesh = sharding.mesh
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  return mesh
+
+
+def owner_axes(sharding: OwnerSharding | None) -> tuple[Any, tuple[str, ...], int]:
+  """The mesh, the owner axis names and their total size ``N``.
+
+  Returns ``(None, (), 1)`` when the scheme is a no-op (no sharding, no mesh,
+  or owner axes of size one).
+
+  Raises:
+    ValueError: if an axis name is not an axis of the mesh.
+  """
+  if sharding is None:
+    return None, (), 1
+  if not isinstance(sharding, OwnerSharding):
+    raise ValueError(
+      f"sharding must be an optax_orth.OwnerSharding or None; got {sharding!r}."
+    )
+  mesh = _mesh_of(sharding)
+  if mesh is None:
+    return None, (), 1
+  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+  if sharding.axis is None:
+    axes = tuple(a for a in mesh.axis_names if types.get(a) != AxisType.Manual)
+  else:
+    axes = (sharding.axis,) if isinstance(sharding.axis, str) else tuple(sharding.axis)
+    for a in axes:
+      if a not in mesh.axis_names:
+        raise ValueError(
+          f"OwnerSharding axis {a!r} is not an axis of the mesh "
+          f"(axes {tuple(mesh.axis_names)})."
+        )
+  axes = tuple(a for a in axes if mesh.shape[a] > 1)
+  n = math.prod(mesh.shape[a] for a in axes)
+  if n == 1:
+    return None, (), 1
+  return mesh, axes, n
+
+
+def _constrain(x: jax.Array, mesh, axes: tuple[str, ...]) -> jax.Array:
+  """Shards axis 0 of ``x`` over ``axes``; every other axis replicated."""
+  spec = P(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def owner_orthogonalize(
+  members: Sequence[jax.Array],
+  orthogonalizer: Callable[[jax.Array], jax.Array],
+  sharding: OwnerSharding | None,
+) -> list[jax.Array]:
+  """Orthogonalizes same-shape ``(B_k, r, c)`` stacks, each matrix on one owner.
+
+  With ``N`` the size of the owner axes, each member is split into an aligned
+  part (its first ``N * (B_k // N)`` matrices, reshaped to
+  ``(N, B_k // N, r, c)``) and a remainder; the remainders of all members are
+  pooled and padded with zero matrices to a multiple of ``N``. The pieces are
+  concatenated into one ``(N, Q, r, c)`` array sharded over the owner axes
+  on its first axis, so that device ``k`` holds ``Q`` whole matrices, and the
+  orthogonalizer runs once on the ``(N * Q, r, c)`` view. The result is kept
+  in that layout; splitting it back into the members lets the compiler move
+  each piece back to the layout its consumers (the parameters' sharding)
+  want.
+
+  With no mesh, or owner axes of size one, this is
+  ``orthogonalizer(concatenate(members))`` split back.
+
+  Args:
+    members: arrays of one shape ``(r, c)`` per matrix and one dtype.
+    orthogonalizer: a function from ``(batch, r, c)`` arrays to arrays of
+      the same shape.
+    sharding: an :class:`OwnerSharding` or ``None``.
+
+  Returns:
+    The orthogonalized members, in order.
+  """
+  mesh, axes, n = owner_axes(sharding)
+  sizes = [int(x.shape[0]) for x in members]
+  if mesh is None:
+    ys = orthogonalizer(jnp.concatenate(members) if len(members) > 1 else members[0])
+    return list(jnp.split(ys, np.cumsum(sizes)[:-1].tolist())) if sizes[1:] else [ys]
+  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+  explicit = tuple(a for a in mesh.axis_names if types.get(a) == AxisType.Explicit)
+  if not explicit:
+    return _owner(list(members), orthogonalizer, mesh, axes, n)
+  # Explicit axes: run the scheme under the compiler's automatic partitioning
+  # and return every member in the sharding it came with.
+  fn = jax.sharding.auto_axes(
+    lambda xs: _owner(
+      list(xs), orthogonalizer, jax.sharding.get_abstract_mesh(), axes, n
+    ),
+    axes=explicit,
+    out_sharding=[jax.typeof(x).sharding for x in members],
+  )
+  return list(fn(tuple(members)))
+
+
+def keep_layout(
+  xs: Sequence[jax.Array], likes: Sequence[jax.Array], sharding: OwnerSharding | None
+) -> list[jax.Array]:
+  """Ties each ``x`` to the sharding of ``like`` (``shard_alike``), if sharded.
+
+  :func:`optax_orth.orthogonalize_momentum` ties the orthogonalizer's input
+  (the Nesterov combination of momentum and gradient) to the momentum's
+  layout, so that the compiler computes it where the momentum lives instead
+  of moving both operands to the owners (which doubles the inbound traffic).
+  A no-op without a mesh, and on ``Explicit`` axes (where the layout is in
+  the types).
+  """
+  mesh, _, _ = owner_axes(sharding)
+  if mesh is None:
+    return list(xs)
+  types = getattr(mesh, "axis_types", ())
+  if any(t == AxisType.Explicit for t in types):
+    return list(xs)
+  return [shard_alike(x, y)[0] for x, y in zip(xs, likes, strict=True)]
+
+
+def _owner(members, orthogonalizer, mesh, axes, n):
+  sizes = [int(x.shape[0]) for x in members]
+  r, c = members[0].shape[1:]
+  blocks, rests = [], []
+  for x, b in zip(members, sizes, strict=True):
+    q = b // n
+    if q:
+      blocks.append(x[: q * n].reshape(n, q, r, c))
+    rests.append(x[q * n :])
+  rest = jnp.concatenate(rests) if len(rests) > 1 else rests[0]
+  n_rest = int(rest.shape[0])
+  pad = (-n_rest) % n
+  if n_rest:
+    rest = jnp.concatenate([rest, jnp.zeros((pad, r, c), rest.dtype)]) if pad else rest
+    blocks.append(rest.reshape(n, -1, r, c))
+  group = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+  group = _constrain(group, mesh, axes)
+  q_total = int(group.shape[1])
+  ys = orthogonalizer(_constrain(group.reshape(n * q_total, r, c), mesh, axes))
+  ys = _constrain(ys, mesh, axes).reshape(n, q_total, r, c)
+  rest_ys = ys[:, q_total - (n_rest + pad) // n :].reshape(-1, r, c)
+  outs = []
+  offset, rest_offset = 0, 0
+  for b in sizes:
+    q = b // n
+    parts = []
+    if q:
+      part = _constrain(ys[:, offset : offset + q], mesh, axes)
+      parts.append(part.reshape(q * n, r, c))
+      offset += q
+    if b - q * n:
+      parts.append(rest_ys[rest_offset : rest_offset + b - q * n])
+      rest_offset += b - q * n
+    outs.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+  return outs
+
+
+# ---------------------------------------------------------------------------
+# Shardings of the optimizer state.
+
+
+def _key_names(path) -> tuple[str, ...]:
+  out = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        out.append(str(getattr(key, attr)))
+        break
+    else:
+      out.append(str(key))
+  return tuple(out)
+
+
+def state_shardings(
+  tx_or_state: Any,
+  params: Any,
+  param_shardings: Any,
+  *,
+  mesh: Any = None,
+) -> Any:
+  """The shardings of an optimizer state, from the parameters' shardings.
+
+  For ``jax.jit(..., out_shardings=...)`` (and ``in_shardings``) of a train
+  step. The state's shapes come from ``jax.eval_shape(tx.init, params)``. A
+  state leaf that mirrors a parameter (same shape, and its key path ends with
+  the parameter's key path, as the momentum and Adam moments do) gets that
+  parameter's sharding; every other leaf (step counts, the small per-matrix
+  vectors of NAMO, NAMO-D and NorMuon, which hold ``O(fan)`` values per
+  matrix) is replicated over the mesh.
+
+  Args:
+    tx_or_state: an ``optax.GradientTransformation`` or a state (or a tree of
+      ``jax.ShapeDtypeStruct``) already computed.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    param_shardings: a tree like ``params`` of ``jax.sharding.Sharding``.
+    mesh: the mesh for replicated leaves; ``None``: the mesh of the first
+      ``NamedSharding`` in ``param_shardings``.
+
+  Returns:
+    A tree of ``jax.sharding.Sharding`` with the structure of the state.
+
+  Raises:
+    ValueError: if no mesh can be found for the replicated leaves.
+  """
+  if hasattr(tx_or_state, "init") and callable(tx_or_state.init):
+    state = jax.eval_shape(tx_or_state.init, params)
+  else:
+    state = tx_or_state
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_shardings = jax.tree.leaves(
+    param_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+  )
+  if len(flat_shardings) != len(flat_params):
+    raise ValueError(
+      f"param_shardings has {len(flat_shardings)} leaves but params has "
+      f"{len(flat_params)}; they must have the same structure."
+    )
+  if mesh is None:
+    mesh = next((s.mesh for s in flat_shardings if isinstance(s, NamedSharding)), None)
+  if mesh is None:
+    raise ValueError(
+      "state_shardings: no NamedSharding in param_shardings; pass mesh=."
+    )
+  replicated = NamedSharding(mesh, P())
+  by_path = {
+    _key_names(path): (tuple(jnp.shape(x)), s)
+    for (path, x), s in zip(flat_params, flat_shardings, strict=True)
+  }
+  lengths = sorted({len(k) for k in by_path}, reverse=True)
+
+  def one(path, leaf):
+    names = _key_names(path)
+    shape = tuple(jnp.shape(leaf))
+    for k in lengths:
+      if k <= len(names) and k > 0:
+        hit = by_path.get(names[-k:])
+        if hit is not None and hit[0] == shape:
+          return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+# ---------------------------------------------------------------------------
+# Reading collectives out of compiled HLO.
+
+_COLLECTIVES = (
+  "all-to-all",
+  "all-gather",
+  "all-reduce",
+  "reduce-scatter",
+  "collective-permute",
+)
+_DTYPE_BYTES = {
+  "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+  "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+  "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+
+
+def _type_bytes(type_str: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(type_str):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _group_size(attrs: str, default: int) -> int:
+  m = re.search(r"replica_groups=\{(\{[0-9,]*\})", attrs)
+  if m:
+    return max(1, len([d for d in m.group(1).strip("{}").split(",") if d]))
+  m = re.search(r"replica_groups=\[([0-9]+),([0-9]+)\]", attrs)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  if m:
+    sizes = dict(re.findall(r"'?([\w]+)'?=([0-9]+)", m.group(1)))
+    names = re.findall(r"'?([\w]+)'?", m.group(2))
+    return math.prod(int(sizes.get(a, 1)) for a in names) or default
+  return default
+
+
+def hlo_collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict]:
+  """Counts the collectives of a compiled (SPMD-partitioned) HLO module.
+
+  For each kind (all-to-all, all-gather, all-reduce, reduce-scatter,
+  collective-permute): the number of ops, the operand bytes per device, and
+  an estimate of the bytes each device sends over the network with the usual
+  algorithms in a group of ``g`` devices: all-to-all and reduce-scatter
+  ``(g - 1) / g`` of the operand, all-gather ``(g - 1)`` times the operand,
+  all-reduce ``2 (g - 1) / g`` (ring), collective-permute the operand.
+
+  Args:
+    hlo_text: ``jax.jit(f).lower(...).compile().as_text()``.
+    num_devices: the default group size when the HLO does not name one.
+
+  Returns:
+    ``{kind: {"count": int, "operand_bytes": int, "moved_bytes": float}}``
+    plus ``"total"``.
+  """
+  types: dict[str, str] = {}
+  lines = hlo_text.splitlines()
+  parsed = []
+  for line in lines:
+    m = _INSTR.match(line)
+    if m:
+      name, type_str, op, rest = m.groups()
+      types[name] = type_str
+      parsed.append((name, type_str, op, rest))
+    else:
+      p = re.match(r"^\s*%?([\w.\-]+):\s*(\S.*?)[,)]", line)
+      if p:
+        types[p.group(1)] = p.group(2)
+  out = {k: {"count": 0, "operand_bytes": 0, "moved_bytes": 0.0} for k in _COLLECTIVES}
+  for _, _, op, rest in parsed:
+    kind = op[: -len("-start")] if op.endswith("-start") else op
+    if kind not in _COLLECTIVES:
+      continue
+    depth, end = 1, 0
+    for i, ch in enumerate(rest):
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        end = i
+        break
+    operands = re.findall(r"%?([\w.\-]+)", rest[:end])
+    nbytes = sum(_type_bytes(types.get(o, "")) for o in operands)
+    g = _group_size(rest[end:], num_devices)
+    factor = {
+      "all-to-all": (g - 1) / g,
+      "reduce-scatter": (g - 1) / g,
+      "all-gather": g - 1,
+      "all-reduce": 2 * (g - 1) / g,
+      "collective-permute": 1.0,
+    }[kind]
+    out[kind]["count"] += 1
+    out[kind]["operand_bytes"] += nbytes
+    out[kind]["moved_bytes"] += factor * nbytes
+  out["total"] = {
+    key: sum(v[key] for v in out.values())
+    for key in ("count", "operand_bytes", "moved_bytes")
+  }
+  return out

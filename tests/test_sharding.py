@@ -1,0 +1,201 @@
+"""The owner scheme (optax_orth.sharding) on 1, 8 simulated and 2x4 devices.
+
+The multi-device tests run tests/_sharding_worker.py in subprocesses, since
+the number of simulated CPU devices is fixed when JAX starts.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_orth
+from optax_orth import MuonDimensionNumbers as DimNums
+from optax_orth import sharding as sharding_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = [sys.executable, "-m", "tests._sharding_worker"]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _run(args, timeout=300):
+  proc = subprocess.run(
+    WORKER + args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+    timeout=timeout,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  out = tmp_path / "compare.json"
+  _run(["compare", str(out)])
+  result = json.loads(out.read_text())
+  # All four optimizers on an FSDP mesh; two on a mesh with a model axis; the
+  # owner axes spanning the whole 4x2 mesh; Explicit axes with the ambient mesh.
+  assert set(result["diff"]) == {
+    "fsdp8/muon", "fsdp8/namo", "fsdp8/namo_d", "fsdp8/normuon",
+    "fsdp4_model2/namo_d", "fsdp4_model2_all/muon", "explicit_ambient/normuon",
+  }  # fmt: skip
+  for name, diff in result["diff"].items():
+    assert diff <= 1e-5, (name, diff)
+  for name, counts in result["collectives"].items():
+    assert counts["all-to-all"] >= 2, (name, counts)  # in and out of the owners
+  # A balanced tree: per-device FLOPs at most 1.15x (single-device FLOPs / 8).
+  assert result["flops_ratio"] <= 1.15, result["flops_ratio"]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  port = str(_free_port())
+  outs = [tmp_path / "p0.npz", tmp_path / "unused.npz"]
+  procs = [
+    subprocess.Popen(
+      [*WORKER, "process", str(pid), port, str(outs[pid])],
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
+  reference = tmp_path / "ref.npz"
+  try:
+    _run(["reference", str(reference)])
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      assert p.returncode == 0, err[-4000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  got, want = np.load(outs[0]), np.load(reference)
+  assert sorted(got.files) == sorted(want.files) and len(got.files) == 3 * 7
+  for key in want.files:
+    np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+def _tree():
+  rng = np.random.default_rng(0)
+  shapes = {"a": (12, 20), "b": (20, 12), "s": (3, 8, 16), "bias": (12,)}
+  return {
+    k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()
+  }
+
+
+DIMS = {"a": DimNums(0, 1), "b": DimNums(0, 1), "s": DimNums(1, 2), "bias": None}
+
+
+def test_one_device_mesh_is_a_no_op():
+  params = _tree()
+  grads = jax.tree.map(lambda x: x * 0.3 + 0.1, params)
+  mesh = jax.make_mesh((1,), ("fsdp",))
+
+  def make(**kw):
+    return optax_orth.namo_d(0.1, weight_dimension_numbers=DIMS, **kw)
+
+  results = []
+  for sharding in (
+    None,
+    optax_orth.OwnerSharding(mesh, "fsdp"),
+    optax_orth.OwnerSharding(),
+  ):
+    tx = make(sharding=sharding)
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    results.append(u)
+  chex.assert_trees_all_close(results[0], results[1], atol=0, rtol=0)
+  chex.assert_trees_all_close(results[0], results[2], atol=0, rtol=0)
+
+
+def test_owner_axes():
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  assert sharding_lib.owner_axes(None) == (None, (), 1)
+  assert sharding_lib.owner_axes(optax_orth.OwnerSharding()) == (None, (), 1)
+  assert sharding_lib.owner_axes(optax_orth.OwnerSharding(mesh)) == (None, (), 1)
+  with pytest.raises(ValueError, match="'data' is not an axis of the mesh"):
+    sharding_lib.owner_axes(optax_orth.OwnerSharding(mesh, "data"))
+  with pytest.raises(ValueError, match="OwnerSharding or None"):
+    sharding_lib.owner_axes(mesh)
+
+
+def test_owner_orthogonalize_without_mesh_splits_in_order():
+  xs = [jnp.full((b, 2, 3), float(b)) for b in (1, 3, 2)]
+  ys = sharding_lib.owner_orthogonalize(xs, lambda x: x * 2, None)
+  assert [y.shape for y in ys] == [x.shape for x in xs]
+  chex.assert_trees_all_close(ys, [2 * x for x in xs])
+
+
+def test_state_shardings_mirror_params():
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  params = _tree()
+  shardings = {
+    "a": NamedSharding(mesh, P("fsdp", None)),
+    "b": NamedSharding(mesh, P(None, "fsdp")),
+    "s": NamedSharding(mesh, P(None, None, "fsdp")),
+    "bias": NamedSharding(mesh, P("fsdp")),
+  }
+  tx = optax_orth.normuon(0.1, weight_dimension_numbers=DIMS)
+  state_sh = optax_orth.state_shardings(tx, params, shardings)
+  state = jax.eval_shape(tx.init, params)
+  flat_sh = jax.tree_util.tree_flatten_with_path(state_sh)[0]
+  flat_state = jax.tree.leaves(state)
+  assert len(flat_sh) == len(flat_state)
+  mirrored = 0
+  for (path, sh), leaf in zip(flat_sh, flat_state, strict=True):
+    names = sharding_lib._key_names(path)
+    key = names[-1]
+    if key in params and leaf.shape == params[key].shape:
+      assert sh == shardings[key], names
+      mirrored += 1
+    else:  # counts, per-neuron vectors
+      assert sh.spec == P(), names
+  # Momentum of a, b, s; Adam's mu and nu of the bias.
+  assert mirrored == 5
+  # The shardings work as out_shardings.
+  jax.jit(tx.init, out_shardings=state_sh)(params)
+  with pytest.raises(ValueError, match="same structure"):
+    optax_orth.state_shardings(tx, params, {"a": shardings["a"]})
+
+
+HLO = """
+ENTRY %main (p0: f32[8,16], p1: bf16[4,4]) -> f32[8,16] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %p1 = bf16[4,4]{1,0} parameter(1)
+  %a2a = (f32[1,16]{1,0}, f32[1,16]{1,0}) all-to-all(%p0, %p0), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %ag = bf16[16,4]{1,0} all-gather(%p1), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+  %ar = f32[8,16]{1,0} all-reduce(%p0), channel_id=3, replica_groups={{0,1}}, to_apply=%add
+  ROOT %cp = f32[8,16]{1,0} collective-permute(%ar), channel_id=4, source_target_pairs={{0,1}}
+}
+"""  # noqa: E501
+
+
+def test_hlo_collective_bytes():
+  got = optax_orth.hlo_collective_bytes(HLO, 8)
+  assert got["all-to-all"] == {"count": 1, "operand_bytes": 1024, "moved_bytes": 896.0}
+  assert got["all-gather"] == {"count": 1, "operand_bytes": 32, "moved_bytes": 96.0}
+  assert got["all-reduce"] == {"count": 1, "operand_bytes": 512, "moved_bytes": 512.0}
+  assert got["collective-permute"]["moved_bytes"] == 512.0
+  assert got["reduce-scatter"]["count"] == 0
+  assert got["total"]["count"] == 4
+  assert got["total"]["moved_bytes"] == 896.0 + 96.0 + 512.0 + 512.0
