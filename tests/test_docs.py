@@ -1,0 +1,160 @@
+"""The documentation's code runs, and its API reference names every public name.
+
+Every ```python fenced block of ``docs/*.md`` and ``README.md`` is executed.
+The blocks of one page run in order in one namespace (a page may build on its
+earlier blocks), in a temporary working directory. A block right after the
+line ``<!-- docs-test: skip -->`` is not run (for code that needs several
+processes, a GPU or a data set); use it sparingly.
+
+The Sphinx build itself (``python -m sphinx -W``) runs in CI (``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+import textwrap
+import types
+
+import pytest
+
+import optax_orth
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SKIP_MARK = "<!-- docs-test: skip -->"
+
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*(.*?)[ \t]*$")
+
+
+def _pages() -> list[pathlib.Path]:
+  pages = sorted(p for p in DOCS.glob("*.md") if "_build" not in p.parts)
+  return [*pages, ROOT / "README.md"]
+
+
+def _closes(line: str, fence: str) -> bool:
+  stripped = line.strip()
+  return stripped.startswith(fence) and not stripped.strip(fence[0])
+
+
+def extract_blocks(text: str) -> list[tuple[int, str, str, bool]]:
+  """``(first line, info string, code, skipped)`` of every fenced block."""
+  lines = text.splitlines()
+  blocks = []
+  i = 0
+  while i < len(lines):
+    m = _FENCE.match(lines[i])
+    if not m:
+      i += 1
+      continue
+    fence, info = m.group(1), m.group(2)
+    j = i - 1
+    while j >= 0 and not lines[j].strip():
+      j -= 1
+    skipped = j >= 0 and lines[j].strip() == SKIP_MARK
+    k = i + 1
+    while k < len(lines) and not _closes(lines[k], fence):
+      k += 1
+    code = textwrap.dedent("\n".join(lines[i + 1 : k]))
+    blocks.append((i + 1, info, code, skipped))
+    i = k + 1
+  return blocks
+
+
+def _python_blocks(page: pathlib.Path) -> list[tuple[int, str]]:
+  return [
+    (line, code)
+    for line, info, code, skipped in extract_blocks(page.read_text())
+    if info == "python" and not skipped
+  ]
+
+
+def test_extract_blocks():
+  text = "\n".join(
+    [
+      "# t",
+      "```python",
+      "x = 1",
+      "```",
+      "",
+      SKIP_MARK,
+      "",
+      "```python",
+      "raise RuntimeError",
+      "```",
+      "````md",
+      "```python",
+      "nested = True",
+      "```",
+      "````",
+      "- item",
+      "",
+      "  ```python",
+      "  y = 2",
+      "  ```",
+      "```bash",
+      "ls",
+      "```",
+    ]
+  )
+  blocks = extract_blocks(text)
+  assert [(b[0], b[1], b[3]) for b in blocks] == [
+    (2, "python", False),
+    (8, "python", True),
+    (11, "md", False),
+    (18, "python", False),
+    (21, "bash", False),
+  ]
+  assert blocks[0][2] == "x = 1"
+  assert blocks[2][2] == "```python\nnested = True\n```"
+  assert blocks[3][2] == "y = 2"
+
+
+_PAGES = [p for p in _pages() if p.exists()]
+
+
+@pytest.mark.parametrize("page", _PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_run(page, tmp_path, monkeypatch):
+  blocks = _python_blocks(page)
+  if not blocks:
+    pytest.skip(f"{page.name} has no python examples")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  # A real module, so that dataclasses (Linen modules) defined in it resolve.
+  module = types.ModuleType(f"docs_example_{page.stem}")
+  monkeypatch.setitem(sys.modules, module.__name__, module)
+  for line, code in blocks:
+    name = f"{page.relative_to(ROOT)}:{line}"
+    exec(compile(code, name, "exec"), module.__dict__)
+
+
+@pytest.mark.parametrize("page", _PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_are_fenced_as_python(page):
+  """Python code fenced as ``py`` or in a code-block directive would not run."""
+  bad = [
+    line
+    for line, info, _, skipped in extract_blocks(page.read_text())
+    if not skipped
+    and re.fullmatch(r"(py|python3|\{code-block\}\s*python|\{code\}\s*python)", info)
+  ]
+  assert not bad, f"{page.name}: fence these as ```python (lines {bad})"
+
+
+_DIRECTIVE = re.compile(
+  r"^\.\. (?:auto)?(?:function|class|data|exception|attribute)::\s+([\w.]+)", re.M
+)
+
+
+def documented_names() -> set[str]:
+  return set(_DIRECTIVE.findall((DOCS / "api.rst").read_text()))
+
+
+def test_api_reference_covers_all_public_names():
+  missing = sorted(set(optax_orth.__all__) - documented_names())
+  assert not missing, f"public names missing from docs/api.rst: {missing}"
+
+
+def test_api_reference_names_exist():
+  stale = sorted(n for n in documented_names() if not hasattr(optax_orth, n))
+  assert not stale, f"docs/api.rst documents names optax_orth lacks: {stale}"
