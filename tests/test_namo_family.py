@@ -284,3 +284,22 @@ class BlocksTest(chex.TestCase):
 
 if __name__ == "__main__":
   pytest.main([__file__])
+
+
+@pytest.mark.parametrize(
+  "factory", [optax_orth.namo, optax_orth.namo_d, optax_orth.normuon]
+)
+def test_default_routing_sends_embeddings_and_vectors_to_adam(factory):
+  rng = np.random.default_rng(0)
+  params = {
+    "embed": {"embedding": jnp.asarray(rng.standard_normal((20, 8)), jnp.float32)},
+    "mlp": {"kernel": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)},
+    "ln": {"scale": jnp.ones((8,))},
+  }
+  tx = factory()
+  state = tx.init(params)
+  updates, _ = jax.jit(tx.update)(params, state, params)
+  adam_state = state.inner_states["adam"].inner_state[0]
+  assert adam_state.mu["embed"]["embedding"].shape == (20, 8)
+  assert not isinstance(adam_state.mu["mlp"]["kernel"], jax.Array)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
