@@ -238,9 +238,11 @@ def test_linen_trainstate_example_learns():
   assert loss < 0.7 * math.log(4)
 
 
-def test_quickstart_notebook_executes():
+def test_quickstart_notebook_executes(monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
+  # The kernel inherits the environment: a forced backend would hide the inline plot.
+  monkeypatch.delenv("MPLBACKEND", raising=False)
   nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
   # Runs the notebook as a user would, with its default number of steps.
   nbclient.NotebookClient(
