@@ -54,7 +54,6 @@ from optax.transforms import MaskedNode
 from optax_orth.routing import (
   DEFAULT_DIMENSION_NUMBERS,
   DimensionNumbersSpec,
-  MatrixLayout,
   leaf_dimension_numbers,
   matrix_layout,
   path_str,
@@ -64,6 +63,10 @@ from optax_orth.transforms import (
   OrthogonalizeMomentumState,
   ScaleByNeuronRmsState,
   ScaleByNormAdaptiveState,
+  _clamp_toward_mean,
+  _norm_adaptive_correction,
+  _norm_adaptive_step,
+  _row_sq_norms,
 )
 
 Metrics = dict[str, Any]
@@ -367,11 +370,6 @@ def _merge(states, field: str) -> dict[str, Any]:
   return out
 
 
-def _row_sq_norms(x, lay: MatrixLayout) -> jax.Array:
-  m = lay.to_matrices(jnp.asarray(x).astype(jnp.float32))
-  return jnp.sum(m * m, axis=-1)
-
-
 def state_metrics(
   grads: optax.Updates,
   state: optax.OptState,
@@ -477,8 +475,7 @@ def state_metrics(
     nus = _merge(adaptive, "nu")
     count = adaptive[0].count
     mus = _merge(_find_states(state, OrthogonalizeMomentumState), "mu")
-    t = count.astype(jnp.float32)
-    correction = jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
+    correction = _norm_adaptive_correction(count, b1, b2)
     lr = None
     if learning_rate is not None:
       lr = learning_rate(count - 1) if callable(learning_rate) else learning_rate
@@ -496,21 +493,18 @@ def state_metrics(
       check_shape(i, mu, jnp.shape(g), "the stored momentum")
       mu = mu.astype(jnp.float32)
       m_hat = b1 * mu + (1 - b1) * g if nesterov else mu
-      m2 = _row_sq_norms(m_hat, lay)
+      m2 = _row_sq_norms(jnp.asarray(m_hat), lay)
       per_feature = nu.shape[-1] != 1
       if not per_feature:
         m2 = jnp.sum(m2, axis=-1, keepdims=True)
       check_shape(
         i, nu, (lay.batch, lay.fan_in if per_feature else 1), "the second moment"
       )
-      d = correction * jnp.sqrt(m2) / (jnp.sqrt(nu) + eps)  # (batch, k)
+      d = _norm_adaptive_step(correction, m2, nu, eps)  # (batch, k)
       if per_feature:
-        m = jnp.mean(d, axis=-1, keepdims=True)
         if clamp_on:
-          active = (m > 0) & jnp.isfinite(m)
-          lo, hi = clamp * m, m / clamp
-          moved = active & ((d < lo) | (d > hi))
-          d_applied = jnp.where(active, jnp.clip(d, lo, hi), d)
+          d_applied = _clamp_toward_mean(d, clamp)
+          moved = jnp.abs(d_applied - d) > 0  # False for inf / NaN entries
         else:
           moved = jnp.zeros(d.shape, bool)
           d_applied = d

@@ -141,6 +141,32 @@ def _row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
   return jnp.sum(m * m, axis=-1)
 
 
+def _norm_adaptive_correction(count: jax.Array, b1, b2) -> jax.Array:
+  """NAMO's bias correction ``sqrt(1 - b2^t) / (1 - b1^t + 1e-12)``."""
+  t = count.astype(jnp.float32)
+  return jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
+
+
+def _norm_adaptive_step(correction, m2, nu, eps) -> jax.Array:
+  """``d = correction * ||Mt|| / (sqrt(v) + eps)`` from ``||Mt||^2`` and ``v``.
+
+  Squared norms of entries above ~1e19 overflow float32: ``m2`` (and ``v``, by
+  its caller) saturate at float32's max so that ``d`` stays finite.
+  """
+  return correction * jnp.sqrt(jnp.minimum(m2, _F32_MAX)) / (jnp.sqrt(nu) + eps)
+
+
+def _clamp_toward_mean(d: jax.Array, c) -> jax.Array:
+  """NAMO-D's ``clip(d, c m, m / c)`` per matrix (``m`` the mean over ``-1``).
+
+  A no-op unless ``0 < c <= 1`` and ``m`` is finite and positive.
+  """
+  m = jnp.mean(d, axis=-1, keepdims=True)
+  active = (m > 0) & jnp.isfinite(m) & (c > 0) & (c <= 1)
+  safe_c = jnp.where((c > 0) & (c <= 1), c, 1.0)
+  return jnp.where(active, jnp.clip(d, safe_c * m, m / safe_c), d)
+
+
 def _learning_rate(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
@@ -539,8 +565,7 @@ def scale_by_norm_adaptive(
     del params
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_update)
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    correction = jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
+    correction = _norm_adaptive_correction(count, b1, b2)
     outs, nus = [], []
     for (path, u), nu in zip(leaves, jax.tree.leaves(state.nu), strict=True):
       if not _is_update(u):
@@ -554,9 +579,8 @@ def scale_by_norm_adaptive(
         g2, m2 = g2.sum(-1, keepdims=True), m2.sum(-1, keepdims=True)
       # Squared norms of |G| > ~1e19 overflow float32: saturate them (and v)
       # at float32's max so that d stays finite instead of inf / inf.
-      g2, m2 = jnp.minimum(g2, _F32_MAX), jnp.minimum(m2, _F32_MAX)
-      nu = jnp.minimum(b2 * nu + (1 - b2) * g2, _F32_MAX)
-      d = correction * jnp.sqrt(m2) / (jnp.sqrt(nu) + eps)
+      nu = jnp.minimum(b2 * nu + (1 - b2) * jnp.minimum(g2, _F32_MAX), _F32_MAX)
+      d = _norm_adaptive_step(correction, m2, nu, eps)
       outs.append(u._replace(step_size=d if u.step_size is None else u.step_size * d))
       nus.append(nu)
     return jax.tree.unflatten(treedef, outs), ScaleByNormAdaptiveState(
@@ -587,12 +611,6 @@ def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformation:
   """
   _check_non_negative("c", c)
 
-  def clamp(d):
-    m = jnp.mean(d, axis=-1, keepdims=True)
-    active = (m > 0) & jnp.isfinite(m) & (c > 0) & (c <= 1)
-    safe_c = jnp.where((c > 0) & (c <= 1), c, 1.0)
-    return jnp.where(active, jnp.clip(d, safe_c * m, m / safe_c), d)
-
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_update)
@@ -603,7 +621,7 @@ def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformation:
           f"leaf {path_str(path)!r}: clamp_diagonal needs MatrixUpdate records "
           "with a step size; put scale_by_norm_adaptive before it."
         )
-      outs.append(u._replace(step_size=clamp(u.step_size)))
+      outs.append(u._replace(step_size=_clamp_toward_mean(u.step_size, c)))
     return jax.tree.unflatten(treedef, outs), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
