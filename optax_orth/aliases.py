@@ -39,6 +39,16 @@ def _partition(
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
+def _adam_fallback(
+  learning_rate: optax.ScalarOrSchedule,
+  adam_learning_rate: optax.ScalarOrSchedule | None,
+  **adamw_kwargs,
+) -> optax.GradientTransformation:
+  """AdamW for the non-matrix leaves, at ``learning_rate`` unless overridden."""
+  lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+  return optax.adamw(learning_rate=lr, **adamw_kwargs)
+
+
 def _parameter_shapes(state: optax.PartitionState) -> Any:
   """The parameters' tree, rebuilt from the two branches' first moments.
 
@@ -184,8 +194,9 @@ def muon(
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )
-  adam = optax.adamw(
-    learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+  adam = _adam_fallback(
+    learning_rate,
+    adam_learning_rate,
     b1=adam_b1,
     b2=adam_b2,
     eps=eps,
@@ -259,8 +270,9 @@ def _namo_family(
       weight_dimension_numbers=spec,
     )
   )
-  adam = optax.adamw(
-    learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+  adam = _adam_fallback(
+    learning_rate,
+    adam_learning_rate,
     b1=adam_b1,
     b2=adam_b2,
     eps=adam_eps,
@@ -551,8 +563,9 @@ def normuon(
     optax.add_decayed_weights(weight_decay),
     optax.scale_by_learning_rate(learning_rate),
   ]
-  adam = optax.adamw(
-    learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+  adam = _adam_fallback(
+    learning_rate,
+    adam_learning_rate,
     b1=adam_b1,
     b2=adam_b2,
     eps=adam_eps,
