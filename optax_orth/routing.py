@@ -71,8 +71,8 @@ class MatrixLayout(NamedTuple):
     return jnp.transpose(y.reshape(permuted), inverse)
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """A ``/``-joined string for a JAX key path (dict keys, attributes, indices)."""
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """The names in a JAX key path (dict keys, attributes, indices), as strings."""
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):
@@ -81,7 +81,12 @@ def path_str(path: Sequence[Any]) -> str:
         break
     else:
       parts.append(str(key))
-  return "/".join(parts)
+  return tuple(parts)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A ``/``-joined string for a JAX key path (dict keys, attributes, indices)."""
+  return "/".join(path_names(path))
 
 
 def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:

@@ -42,6 +42,8 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_orth.routing import path_names
+
 __all__ = [
   "OwnerSharding",
   "hlo_collective_bytes",
@@ -235,18 +237,6 @@ def _owner(members, orthogonalizer, mesh, axes, n):
 # Shardings of the optimizer state.
 
 
-def _key_names(path) -> tuple[str, ...]:
-  out = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        out.append(str(getattr(key, attr)))
-        break
-    else:
-      out.append(str(key))
-  return tuple(out)
-
-
 def state_shardings(
   tx_or_state: Any,
   params: Any,
@@ -299,13 +289,13 @@ def state_shardings(
     )
   replicated = NamedSharding(mesh, P())
   by_path = {
-    _key_names(path): (tuple(jnp.shape(x)), s)
+    path_names(path): (tuple(jnp.shape(x)), s)
     for (path, x), s in zip(flat_params, flat_shardings, strict=True)
   }
   lengths = sorted({len(k) for k in by_path}, reverse=True)
 
   def one(path, leaf):
-    names = _key_names(path)
+    names = path_names(path)
     shape = tuple(jnp.shape(leaf))
     for k in lengths:
       if k <= len(names) and k > 0:

@@ -163,7 +163,7 @@ def test_state_shardings_mirror_params():
   assert len(flat_sh) == len(flat_state)
   mirrored = 0
   for (path, sh), leaf in zip(flat_sh, flat_state, strict=True):
-    names = sharding_lib._key_names(path)
+    names = optax_orth.routing.path_names(path)
     key = names[-1]
     if key in params and leaf.shape == params[key].shape:
       assert sh == shardings[key], names
