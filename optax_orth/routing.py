@@ -8,7 +8,10 @@ axis. A leaf is reshaped to ``(batch, fan_in, fan_out)`` and each of the
 
 A *spec* for a tree of parameters is one of
 
-* ``None``: every leaf is a single 2-D matrix ``(fan_in, fan_out)``;
+* ``None``: the package's default routing, :func:`default_routing` (the same
+  everywhere: in every block, optimizer, table and diagnostic). The one
+  exception is :func:`optax_orth.muon`, whose ``None`` is ``optax.contrib.muon``'s
+  rule for parity, named :func:`optax_rule` (every 2-D leaf is a matrix);
 * a ``MuonDimensionNumbers``: the same numbers for every leaf;
 * a tree (or tree prefix) of ``MuonDimensionNumbers`` or ``None`` (``None``:
   the leaf is not a matrix and goes to the Adam fallback in the aliases);
@@ -106,35 +109,37 @@ def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:
 
 def matrix_layout(
   shape: Sequence[int],
-  dimension_numbers: MuonDimensionNumbers | None = None,
+  dimension_numbers: MuonDimensionNumbers | None = DEFAULT_DIMENSION_NUMBERS,
   path: str = "",
 ) -> MatrixLayout:
   """The :class:`MatrixLayout` of a leaf, with validation.
 
   Args:
     shape: the leaf's shape.
-    dimension_numbers: ``None`` means a 2-D ``(fan_in, fan_out)`` matrix.
+    dimension_numbers: the leaf's ``MuonDimensionNumbers`` (default: a 2-D
+      ``(fan_in, fan_out)`` matrix). ``None`` marks a leaf that the routing
+      sends to the Adam fallback: it has no matrix layout, and is an error.
     path: the leaf's path, used in error messages.
 
   Raises:
-    ValueError: naming the leaf, for rank < 2 leaves, axes out of range,
-      repeated, or shared between reduction and output.
+    ValueError: naming the leaf, for rank < 2 leaves, ``None``, axes out of
+      range, repeated, or shared between reduction and output.
   """
   shape = tuple(int(d) for d in shape)
   where = f"leaf {path!r} with shape {shape}" if path else f"leaf with shape {shape}"
+  if dimension_numbers is None:
+    raise ValueError(
+      f"{where}: the routing marks it as not a matrix (dimension numbers "
+      "None, the Adam fallback's), but it reached a block that orthogonalizes "
+      "or rescales matrices. Route it with optax.partition / label_tree, or "
+      "give it MuonDimensionNumbers."
+    )
   if len(shape) < 2:
     raise ValueError(
       f"{where}: orthogonalization needs a leaf of rank >= 2. Send it to the "
       "Adam fallback (dimension numbers None, or rank < 2 leaves are routed "
       "there by route_by_path)."
     )
-  if dimension_numbers is None:
-    if len(shape) != 2:
-      raise ValueError(
-        f"{where}: a leaf of rank {len(shape)} needs MuonDimensionNumbers "
-        "to say which axes are reduction, output and batch axes."
-      )
-    dimension_numbers = DEFAULT_DIMENSION_NUMBERS
   if not isinstance(dimension_numbers, MuonDimensionNumbers):
     raise ValueError(
       f"{where}: expected MuonDimensionNumbers or None, got {dimension_numbers!r}."
@@ -149,6 +154,24 @@ def matrix_layout(
   return MatrixLayout(shape, batch + red + out, prod(batch), prod(red), prod(out))
 
 
+def optax_rule(params: Any) -> Any:
+  """``optax.contrib.muon``'s routing: every 2-D leaf is a ``(fan_in, fan_out)``
+  matrix, every other leaf goes to the Adam fallback. ``muon``'s default."""
+  return jax.tree.map(
+    lambda x: DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None, params
+  )
+
+
+def default_routing() -> Callable[[Any], Any]:
+  """The spec that ``None`` stands for everywhere: :func:`route_by_path` ``()``."""
+  return _DEFAULT_ROUTING
+
+
+def resolve_spec(spec: DimensionNumbersSpec) -> DimensionNumbersSpec:
+  """``spec``, with ``None`` replaced by :func:`default_routing`."""
+  return default_routing() if spec is None else spec
+
+
 def _is_spec_leaf(x) -> bool:
   return x is None or isinstance(x, MuonDimensionNumbers)
 
@@ -158,14 +181,13 @@ def leaf_dimension_numbers(
 ) -> list[MuonDimensionNumbers | None]:
   """Resolves a spec to one entry per leaf of ``tree`` (in flatten order).
 
-  ``None`` (the spec) gives ``None`` for every leaf, read as "a 2-D matrix" by
-  :func:`matrix_layout`; a ``None`` inside a spec tree marks a non-matrix leaf.
+  ``None`` (the spec) is :func:`default_routing`; a ``None`` inside a spec
+  tree (or returned by a callable spec) marks a non-matrix leaf.
   """
   leaves = jax.tree.leaves(tree, is_leaf=is_leaf)
+  spec = resolve_spec(spec)
   if callable(spec) and not isinstance(spec, MuonDimensionNumbers):
     spec = spec(tree)
-  if spec is None:
-    return [None] * len(leaves)
   if isinstance(spec, MuonDimensionNumbers):
     return [spec] * len(leaves)
   nested = jax.tree.map(
@@ -191,18 +213,15 @@ def label_tree(
 ) -> Any:
   """Labels each leaf of ``params`` for ``optax.partition``.
 
-  With ``spec=None`` every 2-D leaf is a matrix (as ``optax.contrib.muon``).
-  Otherwise a leaf is a matrix where the resolved spec is not ``None``.
+  A leaf is a matrix where the resolved spec is not ``None`` (``spec=None``
+  is :func:`default_routing`; pass :func:`optax_rule` for optax's rule).
 
   Raises:
     ValueError: naming the leaf, for non-floating-point parameters, and for
       matrix leaves whose dimension numbers do not fit them.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  if spec is None:
-    dims = [DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None for _, x in flat]
-  else:
-    dims = leaf_dimension_numbers(spec, params)
+  dims = leaf_dimension_numbers(spec, params)
   labels = []
   for (path, x), dn in zip(flat, dims, strict=True):
     name = path_str(path)
@@ -282,11 +301,7 @@ def routing_table(
   """A human-readable table of where each leaf goes and how it is reshaped."""
   labels = label_tree(params, weight_dimension_numbers)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  dims = (
-    [DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None for _, x in flat]
-    if weight_dimension_numbers is None
-    else leaf_dimension_numbers(weight_dimension_numbers, params)
-  )
+  dims = leaf_dimension_numbers(weight_dimension_numbers, params)
   lines = [
     "| path | shape | branch | matrices (batch x fan_in x fan_out) |",
     "|---|---|---|---|",
@@ -299,3 +314,6 @@ def routing_table(
       mats = "-"
     lines.append(f"| {path_str(path)} | {tuple(jnp.shape(x))} | {label} | {mats} |")
   return "\n".join(lines)
+
+
+_DEFAULT_ROUTING = route_by_path()

@@ -1,0 +1,114 @@
+"""Argument and tree validation shared by every module of the package.
+
+Each check raises a ``ValueError`` that names the offending argument or leaf.
+Hyperparameters that are traced (under ``optax.inject_hyperparams``) cannot be
+inspected at construction and are left to the user's schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_orth.routing import path_str
+
+
+def _concrete(value) -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced or not a number."""
+  if callable(value):
+    return None
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_unit_interval(name: str, value, closed_right: bool = False) -> None:
+  """``value`` in ``[0, 1)`` (or ``[0, 1]`` with ``closed_right``)."""
+  v = _concrete(value)
+  if v is None:
+    return
+  ok = 0 <= v <= 1 if closed_right else 0 <= v < 1
+  if not ok:
+    interval = "[0, 1]" if closed_right else "[0, 1)"
+    raise ValueError(f"{name} must be in {interval}; got {name}={value}.")
+
+
+def check_non_negative(name: str, value) -> None:
+  """``value >= 0`` and not NaN."""
+  v = _concrete(value)
+  if v is not None and not v >= 0:
+    raise ValueError(f"{name} must be non-negative; got {name}={value}.")
+
+
+def check_positive(name: str, value) -> None:
+  """``value > 0`` and finite."""
+  v = _concrete(value)
+  if v is not None and not (v > 0 and math.isfinite(v)):
+    raise ValueError(f"{name} must be positive and finite; got {name}={value}.")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+  """``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}; got {name}={value!r}.")
+
+
+def is_masked(x) -> bool:
+  """Whether ``x`` is an ``optax.MaskedNode`` (the other branch of a partition)."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def check_matches_state(updates: Any, reference: Any, where: str) -> None:
+  """Raises a ValueError naming the leaf where updates and state disagree.
+
+  ``reference`` is a tree shaped like the parameters that the state was
+  initialized with; the tree structures and every leaf's shape must match.
+  ``optax.MaskedNode`` leaves (the other branch of a partition) are compared
+  by position only. Runs at trace time; costs nothing under ``jax.jit``.
+  """
+  ref, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_masked)
+  upd, upd_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_masked)
+  if upd_def != ref_def:
+    ref_paths = {path_str(p) for p, _ in ref}
+    upd_paths = {path_str(p) for p, _ in upd}
+    missing, extra = sorted(ref_paths - upd_paths), sorted(upd_paths - ref_paths)
+    parts = [f"missing from the updates: {missing}"] if missing else []
+    parts += [f"unexpected in the updates: {extra}"] if extra else []
+    detail = "; ".join(parts) or f"containers differ: {upd_def} vs {ref_def}"
+    raise ValueError(
+      f"{where}: the updates do not have the tree structure of the parameters "
+      f"the optimizer state was initialized with ({detail})."
+    )
+  for (path, u), (_, r) in zip(upd, ref, strict=True):
+    if is_masked(u) or is_masked(r) or jnp.shape(u) == jnp.shape(r):
+      continue
+    raise ValueError(
+      f"{where}: leaf {path_str(path)!r} has shape {tuple(jnp.shape(u))}, but "
+      f"the optimizer state was initialized for shape {tuple(jnp.shape(r))}; "
+      "call init again after changing a parameter's shape."
+    )
+
+
+def check_arrays(updates: Any, where: str) -> None:
+  """Every leaf of ``updates`` is an array (or a masked node).
+
+  The blocks of this package hand parameter-shaped arrays from one to the
+  next; a leaf of any other type means a transformation upstream changed the
+  tree, which is refused here rather than silently mis-read.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(
+    updates, is_leaf=lambda x: is_masked(x) or x is None
+  )[0]
+  for path, x in flat:
+    if is_masked(x):
+      continue
+    if x is None or not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(
+        f"{where}: leaf {path_str(path)!r} of the updates is a "
+        f"{type(x).__name__}, not an array shaped like its parameter."
+      )
