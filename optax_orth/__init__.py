@@ -2,6 +2,7 @@
 
 from optax_orth import diagnostics as diagnostics
 from optax_orth.aliases import muon, namo, namo_d, normuon
+from optax_orth.model_routing import ModelRouting, route_by_model
 from optax_orth.orthogonalizers import (
   PRESETS,
   NewtonSchulzFlops,
@@ -16,6 +17,7 @@ from optax_orth.routing import (
   DEFAULT_ADAM_PATTERNS,
   MatrixLayout,
   MuonDimensionNumbers,
+  RoutingWarning,
   label_tree,
   matrix_layout,
   route_by_path,
@@ -48,12 +50,14 @@ __all__ = [
   "PRESETS",
   "MatrixLayout",
   "MatrixUpdate",
+  "ModelRouting",
   "MuonDimensionNumbers",
   "NewtonSchulzFlops",
   "NewtonSchulzPreset",
   "OrthogonalizeMomentumState",
   "Orthogonalizer",
   "OwnerSharding",
+  "RoutingWarning",
   "ScaleByCappedStepState",
   "ScaleByNeuronRmsState",
   "ScaleByNormAdaptiveState",
@@ -70,6 +74,7 @@ __all__ = [
   "normuon",
   "orthogonalize_momentum",
   "polar_svd",
+  "route_by_model",
   "route_by_path",
   "routing_table",
   "scale_by_capped_step",

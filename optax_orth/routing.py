@@ -15,35 +15,66 @@ A *spec* for a tree of parameters is one of
 * a ``MuonDimensionNumbers``: the same numbers for every leaf;
 * a tree (or tree prefix) of ``MuonDimensionNumbers`` or ``None`` (``None``:
   the leaf is not a matrix and goes to the Adam fallback in the aliases);
-* a callable from the parameters to such a tree, such as :func:`route_by_path`.
+* a callable from the parameters to such a tree, such as :func:`route_by_path`
+  or :func:`optax_orth.route_by_model`.
+
+A spec tree is matched to the parameters by key path, not by container type:
+lists and tuples, an ``nnx.State`` and its pure dict, and NNX's trailing
+``value`` of each ``Variable`` are all the same to it, and an entry that
+matches no parameter is an error that names it.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import re
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from optax.contrib import MuonDimensionNumbers
 
 DimensionNumbersSpec = MuonDimensionNumbers | Any | Callable[[Any], Any] | None
 
 DEFAULT_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=0, output_axis=1)
 
+#: Names of output heads (searched in the ``/``-joined leaf path). The first
+#: group matches a module of that name anywhere above the leaf; the second,
+#: names that also occur inside a model's body (an encoder-decoder's
+#: ``decoder``, a ResNet block's ``fc``), only as the leaf itself or the module
+#: that directly holds it (``decoder/kernel``, not ``decoder/layers_0/...``).
+HEAD_PATTERNS: tuple[str, ...] = (
+  r"(^|/)(lm_head|head|output_head|readout)(/|$)",
+  r"(^|/)(classifier|cls_head|logits|decoder|unembed|fc)(/[^/]+)?$",
+)
+
 #: Path patterns (regular expressions, searched in the ``/``-joined key path)
 #: that :func:`route_by_path` sends to the Adam fallback by default: token and
-#: position embeddings and the output head, as in the NAMO and NorMuon
-#: references, and biases and norm scales, which are 2-D when stacked over
-#: layers. Every leaf of rank < 2 goes there regardless.
+#: position embeddings and the output head (:data:`HEAD_PATTERNS`), as in the
+#: NAMO and NorMuon references, and biases and norm scales, which are 2-D when
+#: stacked over layers. Every leaf of rank < 2 goes there regardless.
 DEFAULT_ADAM_PATTERNS: tuple[str, ...] = (
   r"embed",
   r"(^|/)(wte|wpe|tok_emb|pos_emb)(/|$)",
-  r"(^|/)(lm_head|head|output_head|readout)(/|$)",
+  *HEAD_PATTERNS,
   r"(^|/)(bias|scale)(/|$)",
 )
+
+#: Leaf names that mark a 2-D leaf as a layer's weight matrix (Flax's
+#: ``kernel``, PyTorch-style ``weight``, Haiku's ``w``): :func:`route_by_path`
+#: routes such a leaf by name and shape, any other 2-D leaf by its shape alone
+#: (which the default routing reports).
+MATRIX_NAMES: tuple[str, ...] = ("kernel", "weight", "w")
+
+
+class RoutingWarning(UserWarning):
+  """A leaf routed by a guess (its shape alone), or a rule that matched nothing."""
 
 
 class MatrixLayout(NamedTuple):
@@ -90,6 +121,26 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 def path_str(path: Sequence[Any]) -> str:
   """A ``/``-joined string for a JAX key path (dict keys, attributes, indices)."""
   return "/".join(path_names(path))
+
+
+def _routing_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """:func:`path_names` without NNX's trailing ``Variable`` attribute ``value``."""
+  path = tuple(path)
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    path = path[:-1]
+  return path_names(path)
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+  """The name routing rules see: the ``/``-joined key path of a leaf, without
+  the trailing ``value`` of an NNX ``Variable``.
+
+  ``nnx.state(model, nnx.Param)`` (what ``nnx.Optimizer`` initializes with)
+  and its pure form (what it updates with) give the same names, for example
+  ``blocks/0/kernel``, as a Linen params dict does.
+  """
+  return "/".join(_routing_names(path))
 
 
 def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:
@@ -154,12 +205,206 @@ def matrix_layout(
   return MatrixLayout(shape, batch + red + out, prod(batch), prod(red), prod(out))
 
 
-def optax_rule(params: Any) -> Any:
+class Decision(NamedTuple):
+  """Where a routing sends one leaf, and why.
+
+  Attributes:
+    dimension_numbers: the leaf's ``MuonDimensionNumbers``, or ``None`` for
+      the Adam fallback.
+    why: the reason, as :func:`routing_table` prints it (the rule, name
+      pattern, module type or shape that decided).
+    guessed: ``True`` when nothing but the leaf's shape decided (a 2-D leaf
+      with no matrix name, a rank >= 3 leaf no rule covers): reported by a
+      :class:`RoutingWarning`, or an error with ``strict=True``.
+  """
+
+  dimension_numbers: MuonDimensionNumbers | None
+  why: str
+  guessed: bool = False
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+_MAX_LISTED = 12
+
+
+def _listing(lines: list[str]) -> str:
+  shown = [f"  {line}" for line in lines[:_MAX_LISTED]]
+  if len(lines) > _MAX_LISTED:
+    shown.append(f"  ... and {len(lines) - _MAX_LISTED} more")
+  return "\n".join(shown)
+
+
+def _library_dirs() -> tuple[str, ...]:
+  dirs = [os.path.dirname(__file__), os.path.dirname(optax.__file__)]
+  dirs.append(os.path.dirname(jax.__file__))
+  flax = sys.modules.get("flax")
+  if flax is not None and getattr(flax, "__file__", None):
+    dirs.append(os.path.dirname(flax.__file__))
+  return tuple(dirs)
+
+
+def _caller_stacklevel() -> int:
+  """The ``stacklevel`` (for the caller of this function) of the first frame
+  outside optax_orth, optax, jax and flax: the user's ``tx.init`` line."""
+  dirs, level = _library_dirs(), 1
+  frame = sys._getframe(1)
+  while frame is not None and frame.f_code.co_filename.startswith(dirs):
+    frame, level = frame.f_back, level + 1
+  return level
+
+
+class Routing:
+  """Base of the callable specs that can say why: :func:`route_by_path`,
+  :func:`optax_orth.route_by_model` and :func:`optax_rule`.
+
+  Calling it on a parameter tree returns the tree of ``MuonDimensionNumbers``
+  or ``None``; :meth:`explain` returns the :class:`Decision` of every leaf.
+  Leaves routed by a guess, and user patterns that match no leaf, are
+  reported once per routing (a :class:`RoutingWarning`), or raise a
+  ``ValueError`` when ``strict`` is set. A routing is called at ``init`` and
+  again at each trace of ``update``, on the whole tree and on each branch's
+  part of it; the report is made once, and unmatched patterns are only
+  checked on the whole tree.
+  """
+
+  strict: bool = False
+  label: str = "routing"
+
+  def decide(self, name: str, x: Any) -> Decision:
+    """The :class:`Decision` for the leaf ``x`` named ``name`` (see
+    :func:`leaf_name`)."""
+    raise NotImplementedError
+
+  def patterns(self) -> Sequence[str]:
+    """The user's patterns, each of which should match some leaf."""
+    return ()
+
+  def explain(self, params: Any) -> list[tuple[str, Decision]]:
+    """``(leaf name, decision)`` for every leaf of ``params``, in flatten
+    order, without reporting anything."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [(leaf_name(p), self.decide(leaf_name(p), x)) for p, x in flat]
+
+  def __call__(self, params: Any) -> Any:
+    if isinstance(params, jax.Array) and jnp.issubdtype(params.dtype, jnp.integer):
+      raise ValueError(
+        f"a {self.label} spec was called with a step count: under "
+        "optax.inject_hyperparams, pass static_args=('weight_dimension_numbers',)"
+        " (or 'muon_weight_dimension_numbers') so it is not taken for a schedule."
+      )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    decisions = self.explain(params)
+    whole = not any(_is_masked(x) for x in jax.tree.leaves(params, is_leaf=_is_masked))
+    self._report(decisions, [x for _, x in flat], whole)
+    return jax.tree.unflatten(treedef, [d.dimension_numbers for _, d in decisions])
+
+  def _report(self, decisions, leaves, whole: bool) -> None:
+    guessed = [
+      f"{name} {tuple(jnp.shape(x))}: {d.why} -> "
+      + ("adam" if d.dimension_numbers is None else "orthogonal")
+      for (name, d), x in zip(decisions, leaves, strict=True)
+      if d.guessed
+    ]
+    names = [name for name, _ in decisions]
+    unmatched = []
+    if whole:
+      unmatched = [
+        p for p in self.patterns() if not any(re.search(p, n) for n in names)
+      ]
+    keys = {line.split(" ", 1)[0] for line in guessed} | {
+      f"pattern:{p}" for p in unmatched
+    }
+    reported = self.__dict__.setdefault("_reported", set())
+    if not keys or (keys <= reported and not self.strict):
+      return
+    parts = []
+    if guessed:
+      parts.append(
+        f"{len(guessed)} leaves were routed by their shape alone:\n" + _listing(guessed)
+      )
+    if unmatched:
+      example = ", ".join(repr(n) for n in names[:3])
+      parts.append(
+        f"{len(unmatched)} patterns match no leaf (leaf names look like "
+        f"{example}):\n" + _listing([repr(p) for p in unmatched])
+      )
+    message = (
+      f"optax_orth {self.label}: "
+      + "\n".join(parts)
+      + "\nPass weight_dimension_numbers=optax_orth.route_by_model(model) (it "
+      "reads each layer's layout from the model), or rules to route_by_path; "
+      "optax_orth.routing_table(params, spec) shows every leaf and why."
+    )
+    if self.strict:
+      raise ValueError(message + " (strict=True makes this an error.)")
+    reported |= keys
+    warnings.warn(message, RoutingWarning, stacklevel=_caller_stacklevel())
+
+
+class PathRouting(Routing):
+  """The routing of :func:`route_by_path`; see there."""
+
+  def __init__(self, rules, adam_patterns, strict: bool, label: str):
+    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    for pattern, dn in items:
+      if dn is not None and not isinstance(dn, MuonDimensionNumbers):
+        raise ValueError(
+          f"route_by_path: rule {pattern!r} maps to {dn!r}; expected "
+          "MuonDimensionNumbers or None (Adam)."
+        )
+    self.rules = [(re.compile(p), dn) for p, dn in items]
+    self.adam_patterns = [re.compile(p) for p in adam_patterns]
+    self.strict = bool(strict)
+    self.label = label
+
+  def patterns(self) -> Sequence[str]:
+    return [p.pattern for p, _ in self.rules]
+
+  def decide(self, name: str, x: Any) -> Decision:
+    ndim = jnp.ndim(x)
+    if ndim < 2:
+      return Decision(None, f"rank {ndim}")
+    for pattern in self.adam_patterns:
+      if pattern.search(name):
+        return Decision(None, f"name pattern {pattern.pattern!r}")
+    for pattern, dn in self.rules:
+      if pattern.search(name):
+        return Decision(dn, f"rule {pattern.pattern!r}")
+    last = name.rsplit("/", 1)[-1]
+    if ndim == 2 and last in MATRIX_NAMES:
+      return Decision(DEFAULT_DIMENSION_NUMBERS, f"2-D {last!r}")
+    if ndim == 2:
+      return Decision(DEFAULT_DIMENSION_NUMBERS, "2-D, shape only", guessed=True)
+    return Decision(None, f"rank {ndim}, no rule", guessed=True)
+
+
+class _OptaxRule(Routing):
   """``optax.contrib.muon``'s routing: every 2-D leaf is a ``(fan_in, fan_out)``
-  matrix, every other leaf goes to the Adam fallback. ``muon``'s default."""
-  return jax.tree.map(
-    lambda x: DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None, params
-  )
+  matrix, every other leaf goes to the Adam fallback. ``muon``'s default.
+
+  It routes exactly as optax does; it reports (once) the rank >= 3 leaves it
+  sends to Adam and the 2-D leaves it orthogonalizes although their names
+  say embedding, head, bias or norm scale (:data:`DEFAULT_ADAM_PATTERNS`).
+  """
+
+  label = "muon's default routing (optax.contrib.muon's rule)"
+
+  def decide(self, name: str, x: Any) -> Decision:
+    ndim = jnp.ndim(x)
+    if ndim != 2:
+      return Decision(None, f"rank {ndim} (optax rule)", guessed=ndim > 2)
+    named = next((p for p in DEFAULT_ADAM_PATTERNS if re.search(p, name)), None)
+    if named is not None:
+      return Decision(
+        DEFAULT_DIMENSION_NUMBERS, f"2-D (optax rule; name {named!r})", guessed=True
+      )
+    return Decision(DEFAULT_DIMENSION_NUMBERS, "2-D (optax rule)")
+
+
+optax_rule = _OptaxRule()
 
 
 def default_routing() -> Callable[[Any], Any]:
@@ -176,33 +421,94 @@ def _is_spec_leaf(x) -> bool:
   return x is None or isinstance(x, MuonDimensionNumbers)
 
 
+def _spec_entries(spec: Any) -> dict[tuple[str, ...], MuonDimensionNumbers | None]:
+  entries = {}
+  for path, dn in jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)[0]:
+    if not _is_spec_leaf(dn):
+      raise ValueError(
+        f"weight_dimension_numbers: the entry at {path_str(path)!r} is {dn!r}; "
+        "a spec tree holds MuonDimensionNumbers or None (Adam)."
+      )
+    entries[_routing_names(path)] = dn
+  return entries
+
+
+def _find_entry(entries: dict, names: tuple[str, ...]):
+  for k in range(len(names), -1, -1):
+    if names[:k] in entries:
+      return names[:k]
+  return None
+
+
+def _mismatch_error(missing, unused, entries) -> ValueError:
+  """Names the parameter leaves without an entry and the unused entries."""
+  fmt = lambda names: "/".join(names) or "<root>"
+  unused_names = [fmt(k) for k in unused]
+  lines = []
+  for names, x in missing[:_MAX_LISTED]:
+    close = difflib.get_close_matches(fmt(names), unused_names, n=1, cutoff=0.5)
+    hint = f"; did the entry {close[0]!r} mean it?" if close else ""
+    lines.append(f"leaf {fmt(names)!r} {tuple(jnp.shape(x))} has no entry{hint}")
+  if unused_names:
+    lines.append(f"entries that match no parameter: {unused_names[:_MAX_LISTED]}")
+  if not missing:
+    lines.append(f"the spec's entries: {[fmt(k) for k in entries][:_MAX_LISTED]}")
+  return ValueError(
+    "weight_dimension_numbers does not fit the parameters:\n"
+    + _listing(lines)
+    + "\n(spec trees are matched to the parameters by key path.)"
+  )
+
+
+def _match_spec_tree(spec: Any, tree: Any, is_leaf) -> list:
+  """One entry of the spec tree (a tree prefix) per leaf of ``tree``."""
+  entries = _spec_entries(spec)
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  out, missing, used = [], [], set()
+  for path, x in flat:
+    key = _find_entry(entries, _routing_names(path))
+    if key is None:
+      missing.append((_routing_names(path), x))
+      continue
+    used.add(key)
+    out.append(entries[key])
+  unused = [k for k in entries if k not in used]
+  if unused:
+    # Entries for None leaves or for the other branch's (masked) leaves are fine.
+    empty = [
+      _routing_names(p)
+      for p, x in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or _is_masked(x)
+      )[0]
+      if x is None or _is_masked(x)
+    ]
+    fits = lambda k, e: e[: len(k)] == k or k[: len(e)] == e
+    unused = [k for k in unused if not any(fits(k, e) for e in empty)]
+  if missing or unused:
+    raise _mismatch_error(missing, unused, entries)
+  return out
+
+
 def leaf_dimension_numbers(
   spec: DimensionNumbersSpec, tree: Any, is_leaf: Callable[[Any], bool] | None = None
 ) -> list[MuonDimensionNumbers | None]:
   """Resolves a spec to one entry per leaf of ``tree`` (in flatten order).
 
   ``None`` (the spec) is :func:`default_routing`; a ``None`` inside a spec
-  tree (or returned by a callable spec) marks a non-matrix leaf.
+  tree (or returned by a callable spec) marks a non-matrix leaf. A spec tree
+  (or a callable's result) is matched by key path (see :func:`leaf_name`), so
+  lists and tuples, ``nnx.State`` and pure dicts are interchangeable.
+
+  Raises:
+    ValueError: naming each leaf without an entry and each entry (a typo'd
+      key) that matches no leaf.
   """
-  leaves = jax.tree.leaves(tree, is_leaf=is_leaf)
   spec = resolve_spec(spec)
   if callable(spec) and not isinstance(spec, MuonDimensionNumbers):
     spec = spec(tree)
   if isinstance(spec, MuonDimensionNumbers):
-    return [spec] * len(leaves)
-  nested = jax.tree.map(
-    lambda dn, sub: [dn] * len(jax.tree.leaves(sub, is_leaf=is_leaf)),
-    spec,
-    tree,
-    is_leaf=_is_spec_leaf,
-  )
-  out = [
-    dn
-    for group in jax.tree.leaves(nested, is_leaf=lambda x: isinstance(x, list))
-    for dn in group
-  ]
-  assert len(out) == len(leaves)
-  return out
+    return [spec] * len(jax.tree.leaves(tree, is_leaf=is_leaf))
+  return _match_spec_tree(spec, tree, is_leaf)
 
 
 def label_tree(
@@ -238,82 +544,91 @@ def label_tree(
 
 
 def route_by_path(
-  rules: Mapping[str, MuonDimensionNumbers]
-  | Sequence[tuple[str, MuonDimensionNumbers]] = (),
+  rules: Mapping[str, MuonDimensionNumbers | None]
+  | Sequence[tuple[str, MuonDimensionNumbers | None]] = (),
   adam_patterns: Sequence[str] = DEFAULT_ADAM_PATTERNS,
-) -> Callable[[Any], Any]:
+  *,
+  strict: bool = False,
+) -> PathRouting:
   r"""A path-based dimension-numbers spec: embeddings, head, vectors to Adam.
 
   The returned callable maps a parameter tree (a Linen ``params`` dict, an NNX
-  ``nnx.State`` or its pure dict, any pytree) to a tree of
-  ``MuonDimensionNumbers`` or ``None``. For each leaf, with ``path`` its
-  ``/``-joined key path (for example ``"blocks/0/attn/qkv/kernel"``):
+  ``nnx.State`` or its pure dict, lists, tuples, any pytree) to a tree of
+  ``MuonDimensionNumbers`` or ``None``. For each leaf, with ``name`` its
+  :func:`leaf_name` (the ``/``-joined key path without NNX's trailing
+  ``value``, for example ``"blocks/0/attn/qkv/kernel"``):
 
-  1. if a pattern in ``adam_patterns`` is found in ``path``
-     (``re.search``), or the leaf has rank < 2: ``None`` (Adam fallback);
-  2. else the dimension numbers of the first rule whose pattern is found in
-     ``path``;
+  1. if the leaf has rank < 2, or a pattern in ``adam_patterns`` is found in
+     ``name`` (``re.search``): ``None`` (Adam fallback);
+  2. else the dimension numbers (or ``None``) of the first rule whose pattern
+     is found in ``name``;
   3. else, for a 2-D leaf, ``MuonDimensionNumbers(0, 1)``; a leaf of rank > 2
      with no rule goes to Adam.
 
-  Use :func:`routing_table` to see the result on your model.
+  Nothing is routed silently: a 2-D leaf whose name is not one of
+  :data:`MATRIX_NAMES` (routed by its shape alone), a rank >= 3 leaf that no
+  rule covers, and a rule that matches no leaf are reported once, at the
+  optimizer's ``init``, by a :class:`RoutingWarning` that names them;
+  ``strict=True`` makes that a ``ValueError``. For models, prefer
+  :func:`optax_orth.route_by_model`, which reads each layer's layout. Use
+  :func:`routing_table` to see the result and its reasons.
 
   Args:
-    rules: ``{pattern: MuonDimensionNumbers}`` for stacked, multi-head or
-      convolution leaves, for example
-      ``{r"layers/.*/kernel": MuonDimensionNumbers(1, 2)}`` for a
+    rules: ``{pattern: MuonDimensionNumbers or None}`` for stacked,
+      multi-head or convolution leaves, for example
+      ``{r"layers/.*/kernel$": MuonDimensionNumbers(1, 2)}`` for a
       ``(layers, fan_in, fan_out)`` scan stack.
-    adam_patterns: patterns of leaves sent to Adam whatever their rank.
+    adam_patterns: patterns of leaves sent to Adam whatever their rank
+      (default :data:`DEFAULT_ADAM_PATTERNS`).
+    strict: raise instead of warning.
 
   Returns:
     A callable usable as ``weight_dimension_numbers`` (or
     ``muon_weight_dimension_numbers``) in every optimizer of this package.
   """
-  rule_items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-  compiled_rules = [(re.compile(p), dn) for p, dn in rule_items]
-  compiled_adam = [re.compile(p) for p in adam_patterns]
+  return PathRouting(rules, adam_patterns, strict, "route_by_path")
 
-  def spec_fn(params):
-    if isinstance(params, jax.Array) and jnp.issubdtype(params.dtype, jnp.integer):
-      raise ValueError(
-        "a route_by_path spec was called with a step count: under "
-        "optax.inject_hyperparams, pass static_args=('weight_dimension_numbers',)"
-        " (or 'muon_weight_dimension_numbers') so it is not taken for a schedule."
-      )
 
-    def one(path, x):
-      name = path_str(path)
-      if jnp.ndim(x) < 2 or any(p.search(name) for p in compiled_adam):
-        return None
-      for pattern, dn in compiled_rules:
-        if pattern.search(name):
-          return dn
-      return DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-  return spec_fn
+def _reasons(spec: DimensionNumbersSpec, params: Any) -> list[str]:
+  if isinstance(spec, Routing):
+    return [d.why for _, d in spec.explain(params)]
+  n = len(jax.tree.leaves(params))
+  if isinstance(spec, MuonDimensionNumbers):
+    return ["one spec for every leaf"] * n
+  if callable(spec):
+    return [f"callable {getattr(spec, '__name__', type(spec).__name__)}"] * n
+  return ["spec tree"] * n
 
 
 def routing_table(
   params: Any, weight_dimension_numbers: DimensionNumbersSpec = None
 ) -> str:
-  """A human-readable table of where each leaf goes and how it is reshaped."""
-  labels = label_tree(params, weight_dimension_numbers)
+  """A markdown table of where each leaf goes, how it is reshaped, and why.
+
+  Columns: the leaf's :func:`leaf_name`, its shape, its branch
+  (``orthogonal`` or ``adam``), its matrices (``batch x fan_in x fan_out``),
+  and why (the rule, name pattern, module type or shape that decided it;
+  see :class:`Decision`).
+  """
+  spec = resolve_spec(weight_dimension_numbers)
+  labels = jax.tree.leaves(label_tree(params, spec))
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  dims = leaf_dimension_numbers(weight_dimension_numbers, params)
+  dims = leaf_dimension_numbers(spec, params)
   lines = [
-    "| path | shape | branch | matrices (batch x fan_in x fan_out) |",
-    "|---|---|---|---|",
+    "| path | shape | branch | matrices (batch x fan_in x fan_out) | why |",
+    "|---|---|---|---|---|",
   ]
-  for (path, x), label, dn in zip(flat, jax.tree.leaves(labels), dims, strict=True):
+  rows = zip(flat, labels, dims, _reasons(spec, params), strict=True)
+  for (path, x), label, dn, why in rows:
+    mats = "-"
     if label == "orthogonal":
       lay = matrix_layout(jnp.shape(x), dn)
       mats = f"{lay.batch} x {lay.fan_in} x {lay.fan_out}"
-    else:
-      mats = "-"
-    lines.append(f"| {path_str(path)} | {tuple(jnp.shape(x))} | {label} | {mats} |")
+    shape = tuple(jnp.shape(x))
+    lines.append(f"| {leaf_name(path)} | {shape} | {label} | {mats} | {why} |")
   return "\n".join(lines)
 
 
-_DEFAULT_ROUTING = route_by_path()
+_DEFAULT_ROUTING = PathRouting(
+  (), DEFAULT_ADAM_PATTERNS, False, "default routing (route_by_path())"
+)

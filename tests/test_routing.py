@@ -93,9 +93,13 @@ def test_rules_for_stacked_leaves_and_table():
   assert "| conv | (3, 3, 4, 8) | adam | - |" in table
 
 
-def test_default_spec_sends_every_matrix_to_the_orthogonal_branch():
+def test_default_spec_is_route_by_path_and_optax_rule_is_every_matrix():
   params = {"embedding": jnp.zeros((10, 4)), "b": jnp.zeros(4)}
-  assert _branches(params, None) == {"b": "adam", "embedding": "orthogonal"}
+  assert _branches(params, None) == {"b": "adam", "embedding": "adam"}
+  assert optax_orth.routing.resolve_spec(None) is optax_orth.routing.default_routing()
+  with pytest.warns(optax_orth.RoutingWarning, match="embedding"):
+    branches = _branches(params, optax_orth.routing.optax_rule)
+  assert branches == {"b": "adam", "embedding": "orthogonal"}
 
 
 def test_prefix_tree_spec():
