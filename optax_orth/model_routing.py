@@ -506,6 +506,7 @@ def route_by_model(
       )
     first, calls, out, variables = _linen_trace(model, sample_inputs, call_kwargs, rngs)
     layers, kinds = _linen_layers(first, per_head)
+    out = jax.tree.map(lambda s: tuple(s.shape), out)
     leaves = _param_leaves(variables.get("params", {}))
   else:
     raise TypeError(
