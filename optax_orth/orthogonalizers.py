@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_orth import validation
+
 Orthogonalizer = Callable[[jax.Array], jax.Array]
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
 Method = Literal["auto", "plain", "gram"]
@@ -76,6 +78,30 @@ PRESETS: dict[str, NewtonSchulzPreset] = {
 }
 
 
+def _check_steps(steps) -> int:
+  """``steps`` as a Python int; a ValueError naming ``ns_steps`` otherwise."""
+  integral = isinstance(steps, int | np.integer) and not isinstance(steps, bool)
+  if isinstance(steps, jax.Array | np.ndarray):
+    integral = steps.ndim == 0 and jnp.issubdtype(steps.dtype, jnp.integer)
+  if not integral:
+    raise ValueError(
+      f"Newton-Schulz steps must be a positive int; got ns_steps={steps!r}."
+    )
+  try:
+    steps = int(steps)
+  except (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+  ):
+    raise ValueError(
+      "ns_steps must be a static int; under optax.inject_hyperparams pass "
+      "static_args=('ns_steps',)."
+    ) from None
+  if steps < 1:
+    raise ValueError(f"Newton-Schulz steps must be >= 1; got ns_steps={steps}.")
+  return steps
+
+
 def resolve_coeffs(
   coeffs: CoeffsLike, steps: int | None = None
 ) -> tuple[np.ndarray, float]:
@@ -88,7 +114,8 @@ def resolve_coeffs(
 
   Raises:
     ValueError: for an unknown preset, rows that are not of shape ``(3,)`` or
-      ``(n, 3)`` with ``n >= 1``, non-finite coefficients or ``steps < 1``.
+      ``(n, 3)`` with ``n >= 1``, non-finite coefficients, or ``steps`` that
+      is not a positive int (``2.5`` is refused, not truncated).
   """
   safety = 1.0
   default_steps = None
@@ -113,17 +140,7 @@ def resolve_coeffs(
     if not np.all(np.isfinite(rows)):
       raise ValueError(f"Newton-Schulz coefficients must be finite; got {rows}.")
     default_steps = 5 if rows.shape[0] == 1 else rows.shape[0]
-  if steps is None:
-    steps = default_steps
-  try:
-    steps = int(steps)
-  except jax.errors.ConcretizationTypeError:
-    raise ValueError(
-      "ns_steps must be a static int; under optax.inject_hyperparams pass "
-      "static_args=('ns_steps',)."
-    ) from None
-  if steps < 1:
-    raise ValueError(f"Newton-Schulz steps must be >= 1; got ns_steps={steps}.")
+  steps = default_steps if steps is None else _check_steps(steps)
   if steps <= rows.shape[0]:
     rows = rows[:steps]
   else:
@@ -132,39 +149,117 @@ def resolve_coeffs(
 
 
 def _check_eps(eps) -> None:
+  validation.check_non_negative("eps", eps)
+
+
+def _check_dtype(dtype) -> None:
+  """``dtype`` is ``None`` or an inexact (floating or complex) dtype."""
+  if dtype is None:
+    return
   try:
-    value = float(eps)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return  # A traced value (e.g. under inject_hyperparams) is not checked.
-  if not value >= 0:
-    raise ValueError(f"eps must be a non-negative number; got eps={eps}.")
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype must be a dtype; got dtype={dtype!r}.") from None
+  if not jnp.issubdtype(dt, jnp.inexact):
+    raise ValueError(
+      f"newton_schulz needs a floating-point compute dtype; got dtype={dt.name}."
+    )
 
 
-def _sym_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``a @ b`` for a product known to be symmetric, from its upper half.
+def _check_options(preconditioning, method, restart, eps, dtype) -> None:
+  if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
+    raise ValueError(f"Unknown preconditioning={preconditioning!r}.")
+  _check_method(method, restart)
+  _check_eps(eps)
+  _check_dtype(dtype)
 
-  Computes the top ``h = n // 2`` rows and the bottom-right block (3/4 of the
-  FLOPs of ``a @ b``) and mirrors the bottom-left block.
+
+# ---------------------------------------------------------------------------
+# Products: operands in the compute dtype, accumulation in the carry dtype.
+
+
+class _Arith(NamedTuple):
+  """How the iteration computes.
+
+  ``operand``: the dtype that ``X`` is stored in and that every product
+  reads. ``carry``: the dtype that products accumulate into and that the
+  ``r x r`` Gram-side matrices, the coefficients and every axpy use. For
+  bfloat16 and float16 the carry is float32 (the products run at the
+  low-precision rate with float32 accumulation, and the coefficients stay
+  exact); otherwise it is the compute dtype itself.
+  """
+
+  operand: jnp.dtype
+  carry: jnp.dtype
+
+  @property
+  def low_precision(self) -> bool:
+    return self.operand != self.carry
+
+
+def _arith(in_dtype, dtype) -> _Arith:
+  compute = jnp.dtype(dtype) if dtype is not None else jnp.dtype(in_dtype)
+  if jnp.issubdtype(in_dtype, jnp.complexfloating) != jnp.issubdtype(
+    compute, jnp.complexfloating
+  ):
+    raise ValueError(
+      f"newton_schulz computes complex inputs in a complex dtype and real inputs "
+      f"in a real one; got an input of {jnp.dtype(in_dtype).name} and "
+      f"dtype={compute.name}."
+    )
+  if compute.itemsize == 2:  # bfloat16, float16
+    return _Arith(compute, jnp.dtype(jnp.float32))
+  return _Arith(compute, compute)
+
+
+def _dot(a: jax.Array, b: jax.Array, arith: _Arith, adjoint_b: bool = False):
+  """``a @ b`` (or ``a @ b^H``) over the leading batch axes.
+
+  Both operands are read in ``arith.operand`` and the product accumulates in
+  ``arith.carry`` (``preferred_element_type``): for bfloat16 this is the
+  product that runs at the machine's bfloat16 rate. ``b^H`` is contracted on
+  its last axis directly, so no transposed copy is formed.
+  """
+  a, b = a.astype(arith.operand), b.astype(arith.operand)
+  batch = tuple(range(a.ndim - 2))
+  contract_b = b.ndim - 1 if adjoint_b else b.ndim - 2
+  if adjoint_b:
+    b = jnp.conj(b)
+  dims = (((a.ndim - 1,), (contract_b,)), (batch, batch))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=arith.carry)
+
+
+def _mirror(top: jax.Array, bottom_right: jax.Array, h: int) -> jax.Array:
+  """Assembles a Hermitian matrix from its top rows and bottom-right block."""
+  bottom_left = jnp.conj(jnp.swapaxes(top[..., :, h:], -1, -2))
+  return jnp.concatenate([top, jnp.concatenate([bottom_left, bottom_right], -1)], -2)
+
+
+def _product(a, b, arith: _Arith, symmetric: bool = False) -> jax.Array:
+  """``a @ b``; with ``symmetric``, for a product known to be Hermitian.
+
+  The symmetric form computes the top ``h = n // 2`` rows and the
+  bottom-right block (3/4 of the FLOPs) and mirrors the bottom-left block.
   """
   h = a.shape[-2] // 2
-  top = a[..., :h, :] @ b
-  bottom_right = a[..., h:, :] @ b[..., :, h:]
-  bottom = jnp.concatenate([jnp.swapaxes(top[..., :, h:], -1, -2), bottom_right], -1)
-  return jnp.concatenate([top, bottom], -2)
+  if not symmetric or h == 0:
+    return _dot(a, b, arith)
+  top = _dot(a[..., :h, :], b, arith)
+  return _mirror(top, _dot(a[..., h:, :], b[..., :, h:], arith), h)
 
 
-def _matmul(a: jax.Array, b: jax.Array, symmetric: bool) -> jax.Array:
-  return _sym_matmul(a, b) if symmetric and a.shape[-2] > 1 else a @ b
+def _gram(x: jax.Array, arith: _Arith, symmetric: bool = False) -> jax.Array:
+  """``X X^H`` in the carry dtype (from its upper half with ``symmetric``)."""
+  h = x.shape[-2] // 2
+  if not symmetric or h == 0:
+    return _dot(x, x, arith, adjoint_b=True)
+  top = _dot(x[..., :h, :], x, arith, adjoint_b=True)
+  bottom_right = _dot(x[..., h:, :], x[..., h:, :], arith, adjoint_b=True)
+  return _mirror(top, bottom_right, h)
 
 
-def _ns_step(x: jax.Array, a: jax.Array, row, symmetric: bool = False) -> jax.Array:
-  """One quintic step ``x <- a0 x + (a1 A + a2 A A) x`` with ``A = x x^T``."""
-  b = row[1] * a + row[2] * _matmul(a, a, symmetric)
-  return row[0] * x + b @ x
-
-
-def _gram(x: jax.Array, symmetric: bool = False) -> jax.Array:
-  return _matmul(x, jnp.swapaxes(x, -1, -2), symmetric)
+# ---------------------------------------------------------------------------
+# Normalization.
 
 
 def _safe_divide(x: jax.Array, denom: jax.Array) -> jax.Array:
@@ -193,57 +288,139 @@ def _power_of_two_scale(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)  # 2^-e
 
 
-def _precondition_first_step(
-  x: jax.Array, preconditioning: str, eps, symmetric: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """AOL or Schatten-4 rescaling, folded into the first step's Gram matrix."""
-  a = _gram(x, symmetric)
+def _normalize(x, preconditioning, eps, safety, arith: _Arith, symmetric: bool):
+  r"""The first stage: ``X / (||X|| \cdot safety + eps)``, or a preconditioning.
+
+  ``x`` is first scaled by a power of two ``s`` (exact; ``eps`` scaled to
+  match), so that the norms neither overflow nor underflow. The norm is taken
+  in the wider of float32 and ``x``'s dtype, before ``x`` is rounded to the
+  operand dtype, and the division and the rounding are one elementwise pass.
+
+  Returns ``(x, first)``: ``x`` in the operand dtype, and for ``"aol"`` and
+  ``"schatten"`` ``first = (x, A)``, the rescaled ``x`` and its Gram matrix
+  ``A = X X^H`` (carry dtype) that the first step uses; else ``None``.
+  """
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  scale = _power_of_two_scale(x)
+  if preconditioning in ("frobenius", "spectral"):
+    x = x.astype(wide) * scale.astype(wide)
+    if preconditioning == "frobenius":
+      norm = jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+    else:
+      norm = jnp.linalg.norm(x, ord=2, axis=(-2, -1))[..., None, None]
+    return _safe_divide(x, norm * safety + eps * scale).astype(arith.operand), None
+  x = (x.astype(wide) * scale.astype(wide)).astype(arith.operand)
+  a = _gram(x, arith, symmetric)
+  real = jnp.finfo(arith.carry).dtype
+  scaled_eps = (eps * scale * scale).astype(real)
   if preconditioning == "aol":
     # Boissin et al. (2025): row scaling s_i = (sum_j |A_ij|)^(-1/2).
-    s = _safe_rsqrt(jnp.maximum(jnp.abs(a).sum(-1, keepdims=True), eps))
-    return x * s, a * s * jnp.swapaxes(s, -1, -2)
-  # Grishina et al. (2025): scale by ||X X^T||_F^(-1/2) = ||X||_{S4}^(-1).
-  s = jnp.linalg.norm(a, axis=(-2, -1), keepdims=True)
-  s = _safe_rsqrt(jnp.maximum(s, eps))
-  return x * s, a * s * s
+    s = _safe_rsqrt(jnp.maximum(jnp.abs(a).sum(-1, keepdims=True), scaled_eps))
+    a = a * s * jnp.swapaxes(s, -1, -2)
+  else:
+    # Grishina et al. (2025): scale by ||X X^H||_F^(-1/2) = ||X||_{S4}^(-1).
+    s = jnp.linalg.norm(a, axis=(-2, -1), keepdims=True)
+    s = _safe_rsqrt(jnp.maximum(s, scaled_eps))
+    a = a * (s * s)
+  x = (x.astype(arith.carry) * s).astype(arith.operand)
+  return x, (x, a)
 
 
-def _poly(a: jax.Array, row, symmetric: bool) -> jax.Array:
-  """``p(A) = a I + b A + c A^2`` for a symmetric ``A`` (one product)."""
-  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
-  return (row[1] * a + row[2] * _matmul(a, a, symmetric)) + row[0] * eye
+# ---------------------------------------------------------------------------
+# The iterations.
 
 
-def _gram_segment(x, r, rows, unroll: bool, symmetric: bool):
-  """Runs ``len(rows)`` Newton–Schulz steps on the Gram matrix ``r = x x^T``.
+def _ns_step(x, a, row, arith: _Arith, symmetric: bool = False) -> jax.Array:
+  r"""One quintic step ``a_0 X + (a_1 A + a_2 A^2) X`` with ``A = X X^H``.
+
+  ``A`` and the result are in the carry dtype; the coefficients multiply
+  carry-dtype values, so they are never rounded to the operand dtype.
+  """
+  b = row[1] * a + row[2] * _product(a, a, arith, symmetric)
+  return row[0] * x.astype(arith.carry) + _dot(b, x, arith)
+
+
+def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: bool):
+  """The plain iteration; ``X`` is rounded to the operand dtype between steps."""
+  n = len(rows)
+  if first is not None:
+    x = _ns_step(first[0], first[1], rows[0], arith, symmetric)
+    rows, n = rows[1:], n - 1
+    if n:
+      x = x.astype(arith.operand)
+
+  def step(x, row, last=False):
+    y = _ns_step(x, _gram(x, arith, symmetric), row, arith, symmetric)
+    return y if last else y.astype(arith.operand)
+
+  if unroll or n <= 1:
+    for i in range(n):
+      x = step(x, rows[i], last=i == n - 1)
+  else:
+    x, _ = jax.lax.scan(lambda x, row: (step(x, row), None), x, rows[:-1])
+    x = step(x, rows[-1], last=True)
+  return x
+
+
+def _poly(r: jax.Array, row, arith: _Arith, symmetric: bool) -> jax.Array:
+  """``p(R) = a I + b R + c R^2`` for a Hermitian ``R`` (one product)."""
+  eye = jnp.eye(r.shape[-1], dtype=r.dtype)
+  return (row[1] * r + row[2] * _product(r, r, arith, symmetric)) + row[0] * eye
+
+
+def _gram_segment(x, r, rows, arith: _Arith, unroll: bool, symmetric: bool):
+  """Runs ``len(rows)`` Newton–Schulz steps on the Gram matrix ``r = x x^H``.
 
   With ``P_k = p_k(R_k)`` (every matrix here is a polynomial in ``R_0``, so all
-  of them are symmetric and commute): ``Q <- P_k Q``, ``R_{k+1} = P_k R_k
-  P_k``, and at the end ``x <- Q x``.
+  of them are Hermitian and commute): ``Q <- P_k Q``, ``R_{k+1} = P_k R_k
+  P_k``, and at the end ``x <- Q x``. ``R``, ``P`` and ``Q`` stay in the carry
+  dtype; the products read them in the operand dtype.
   """
-  mm = functools.partial(_matmul, symmetric=symmetric)
-  p = _poly(r, rows[0], symmetric)
+
+  def mm(a, b):
+    return _product(a, b, arith, symmetric)
+
+  p = _poly(r, rows[0], arith, symmetric)
   q = p
-  n = len(rows)
 
   def body(carry, row):
     r, p, q = carry
     r = mm(mm(p, r), p)
-    p = _poly(r, row, symmetric)
+    p = _poly(r, row, arith, symmetric)
     return (r, p, mm(p, q)), None
 
   if unroll:
-    for i in range(1, n):
+    for i in range(1, len(rows)):
       (r, p, q), _ = body((r, p, q), rows[i])
-  elif n > 1:
+  elif len(rows) > 1:
     (r, p, q), _ = jax.lax.scan(body, (r, p, q), rows[1:])
-  return q @ x
+  return _dot(q, x, arith)
+
+
+def _gram_iteration(x, rows, first, restart, arith, unroll, symmetric):
+  """The Gram form in segments of ``restart`` steps, ``X`` re-formed between."""
+  for start in range(0, len(rows), restart):
+    if start:
+      x = x.astype(arith.operand)
+    if start == 0 and first is not None:
+      x, r = first
+    else:
+      r = _gram(x, arith, symmetric)
+    x = _gram_segment(x, r, rows[start : start + restart], arith, unroll, symmetric)
+  return x
 
 
 def _gram_saves_work(r: int, c: int, rows: int, restart: int, symmetric: bool) -> bool:
   kw = dict(restart=restart, symmetric=symmetric)
   plain = newton_schulz_flops((r, c), rows, method="plain", **kw).total
   return newton_schulz_flops((r, c), rows, method="gram", **kw).total < plain
+
+
+def _coefficient_rows(rows: np.ndarray, arith: _Arith, unroll: bool):
+  """Python floats when unrolled (XLA folds them), else a carry-dtype array."""
+  if unroll:
+    return [tuple(float(v) for v in row) for row in rows]
+  return jnp.asarray(rows, dtype=jnp.finfo(arith.carry).dtype)
 
 
 def newton_schulz(
@@ -268,17 +445,21 @@ def newton_schulz(
   per coefficient row ``(a, b, c)``:
 
   .. math::
-    A = X X^\top, \qquad X \leftarrow a X + (b A + c A^2) X.
+    A = X X^H, \qquad X \leftarrow a X + (b A + c A^2) X,
+
+  with ``X^H`` the conjugate transpose (the transpose for real ``X``; complex
+  inputs converge to the unitary polar factor ``U V^H``, as in
+  ``optax.contrib.muon``).
 
   ``method="plain"`` runs exactly that: ``4 r^2 c + 2 r^3`` FLOPs a step.
   ``method="gram"`` runs the same iteration on the ``r x r`` Gram matrix.
   Each step's factor ``P_k = a I + b R_k + c R_k^2`` is a polynomial in
-  ``R_0 = X_0 X_0^\top``, so
+  ``R_0 = X_0 X_0^H``, so
 
   .. math::
     X_k = Q_k X_0, \quad Q_{k+1} = P_k Q_k, \quad R_{k+1} = P_k R_k P_k,
 
-  and ``X`` is touched twice per segment (``R_0 = X X^T`` and ``X <- Q X``)
+  and ``X`` is touched twice per segment (``R_0 = X X^H`` and ``X <- Q X``)
   instead of twice per step: ``4 r^2 c`` per segment plus ``8 r^3`` per step
   (less ``6 r^3`` per segment). Every ``restart`` steps the segment ends,
   ``X`` and ``R`` are re-formed from scratch and ``Q`` is reset, which bounds
@@ -287,22 +468,35 @@ def newton_schulz(
   when :func:`newton_schulz_flops` counts fewer FLOPs for it (about
   ``c > 1.5 r`` at 5 steps, for every restart period), otherwise the plain one.
 
+  **Low precision.** With a bfloat16 or float16 compute dtype, ``X`` is
+  stored and every product reads its operands in that dtype, but products
+  accumulate in float32 (``preferred_element_type``), and everything else is
+  float32: the Gram-side ``r x r`` matrices ``A``, ``R``, ``P``, ``Q``, the
+  coefficients (never rounded to bfloat16) and the axpy ``a X + B X``. The
+  normalization is computed from the input before it is rounded. This is the
+  product that runs at a CPU's or GPU's bfloat16 rate, and the iteration is
+  as accurate as bfloat16 storage of ``X`` allows.
+
   The iteration commutes with transposition, so ``NS(X.T) == NS(X).T``, and
   the normalization makes it invariant to scaling ``X`` by a positive constant
-  (up to ``eps``). A zero matrix maps to zero. The normalization first scales
-  each matrix by a power of two (exactly, with ``eps`` scaled to match), so
-  it neither overflows nor underflows for any finite input.
+  (up to ``eps``). A zero matrix maps to zero, and a zero-size array to
+  itself. The normalization first scales each matrix by a power of two
+  (exactly, with ``eps`` scaled to match), so it neither overflows nor
+  underflows for any finite input.
 
   Args:
-    x: array of shape ``(..., m, n)``; leading axes are a batch.
+    x: array of shape ``(..., m, n)``, real or complex; leading axes are a
+      batch.
     coeffs: a preset name (``"standard"``, ``"dion"``, ``"polar_express"``), a
       row ``(a, b, c)`` repeated for every step, or ``(n, 3)`` rows.
-    steps: number of steps; see :func:`resolve_coeffs` for how it combines
-      with ``coeffs``. Defaults to the preset's (5) or the number of rows.
+    steps: number of steps, a positive int; see :func:`resolve_coeffs` for how
+      it combines with ``coeffs``. Defaults to the preset's (5) or the number
+      of rows.
     eps: non-negative term added to the normalizing denominator.
-    dtype: compute dtype (``None``: the dtype of ``x``). ``jnp.bfloat16`` is
-      the usual choice on accelerators; float32 on CPU. The result is returned
-      in the dtype of ``x``.
+    dtype: compute dtype (``None``: the dtype of ``x``), complex for complex
+      ``x``. ``jnp.bfloat16`` is the usual choice on accelerators and pays on
+      CPUs with bfloat16 matrix units (see ``docs/benchmarks.md``). The result
+      is returned in the dtype of ``x``.
     safety: overrides the preset's safety factor.
     preconditioning: ``"frobenius"`` (default), ``"spectral"`` (divide by the
       largest singular value, computed exactly; costly), ``"aol"`` or
@@ -312,9 +506,9 @@ def newton_schulz(
       ``lax.scan`` (``False``), which keeps compile time and the live set
       small for many steps.
     method: ``"auto"``, ``"plain"`` or ``"gram"`` (see above).
-    restart: Gram steps per segment (``None``: ``orthogonalizers.GRAM_RESTART`` for the
-      compute dtype). Unused by the plain method.
-    symmetric: compute the products known to be symmetric (``X X^T``,
+    restart: Gram steps per segment (``None``: ``orthogonalizers.GRAM_RESTART``
+      for the compute dtype). Unused by the plain method.
+    symmetric: compute the products known to be Hermitian (``X X^H``,
       ``A^2``, and in the Gram form every ``r x r`` product) from their upper
       half, 3/4 of their FLOPs, and mirror the rest.
 
@@ -322,8 +516,10 @@ def newton_schulz(
     The orthogonalized array, same shape and dtype as ``x``.
 
   Raises:
-    ValueError: for an array of rank < 2 or not floating, an unknown
-      preconditioning or method, or ``restart < 1``.
+    ValueError: for an array of rank < 2 or not inexact, a compute dtype that
+      is not inexact or mixes real and complex with ``x``, an unknown
+      preconditioning or method, ``restart < 1``, ``eps < 0``, or ``steps``
+      not a positive int.
 
   References:
     Jordan et al., `Muon: An optimizer for hidden layers in neural networks
@@ -337,70 +533,31 @@ def newton_schulz(
     raise ValueError(
       f"newton_schulz needs an array of rank >= 2 (..., m, n); got shape {x.shape}."
     )
-  if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
-    raise ValueError(f"Unknown preconditioning={preconditioning!r}.")
-  _check_method(method, restart)
-  _check_eps(eps)
+  _check_options(preconditioning, method, restart, eps, dtype)
   rows, preset_safety = resolve_coeffs(coeffs, steps)
   safety = preset_safety if safety is None else safety
   in_dtype = x.dtype
-  if not jnp.issubdtype(in_dtype, jnp.floating):
+  if not jnp.issubdtype(in_dtype, jnp.inexact):
     raise ValueError(f"newton_schulz needs a floating-point array; got {in_dtype}.")
-  compute_dtype = jnp.dtype(dtype) if dtype is not None else in_dtype
+  arith = _arith(in_dtype, dtype)
+  if x.size == 0:
+    return jnp.zeros(x.shape, in_dtype)
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
-  x = x.astype(compute_dtype)
   r_dim, c_dim = x.shape[-2:]
   if restart is None:
-    restart = default_restart(compute_dtype)
+    restart = default_restart(arith.operand)
   if method == "auto":
     gram_wins = _gram_saves_work(r_dim, c_dim, len(rows), restart, symmetric)
     method = "gram" if gram_wins else "plain"
 
-  # x <- s x with s a power of two (exact), eps <- s eps: the same result,
-  # without overflow or underflow of the squares for |x| up to the dtype's max.
-  scale = _power_of_two_scale(x)
-  x = x * scale.astype(compute_dtype)
-  if preconditioning in ("frobenius", "spectral"):
-    x_norm = x.astype(jnp.promote_types(compute_dtype, jnp.float32))
-    if preconditioning == "frobenius":
-      norm = jnp.linalg.norm(x_norm, axis=(-2, -1), keepdims=True)
-    else:
-      norm = jnp.linalg.norm(x_norm, ord=2, axis=(-2, -1))[..., None, None]
-    x = _safe_divide(x, norm * safety + eps * scale)
-    first = None
-  else:
-    scaled_eps = (eps * scale * scale).astype(compute_dtype)
-    first = _precondition_first_step(x, preconditioning, scaled_eps, symmetric)
-
-  # Unrolled: Python floats, constants in the compute dtype that XLA folds.
-  if unroll:
-    coeff_rows = [tuple(float(v) for v in row) for row in rows]
-  else:
-    coeff_rows = jnp.asarray(rows, dtype=compute_dtype)
+  x, first = _normalize(x, preconditioning, eps, safety, arith, symmetric)
+  coeff_rows = _coefficient_rows(rows, arith, unroll)
   if method == "gram":
-    for start in range(0, len(rows), restart):
-      seg = coeff_rows[start : start + restart]
-      if start == 0 and first is not None:
-        x, r = first
-      else:
-        r = _gram(x, symmetric)
-      x = _gram_segment(x, r, seg, unroll, symmetric)
+    x = _gram_iteration(x, coeff_rows, first, restart, arith, unroll, symmetric)
   else:
-    if first is not None:
-      x = _ns_step(first[0], first[1], coeff_rows[0], symmetric)
-      coeff_rows = coeff_rows[1:]
-
-    def step(x, row):
-      return _ns_step(x, _gram(x, symmetric), row, symmetric)
-
-    if unroll:
-      for i in range(len(coeff_rows)):
-        x = step(x, coeff_rows[i])
-    elif len(coeff_rows):
-      x, _ = jax.lax.scan(lambda x, row: (step(x, row), None), x, coeff_rows)
-
+    x = _plain(x, coeff_rows, first, arith, unroll, symmetric)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   return x.astype(in_dtype)
@@ -409,11 +566,12 @@ def newton_schulz(
 def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
   r"""The exact polar factor of each trailing matrix, via the SVD.
 
-  For ``X = U S V^\top`` returns ``U \,\mathrm{diag}(s_i > \tau)\, V^\top``
+  For ``X = U S V^H`` returns ``U \,\mathrm{diag}(s_i > \tau)\, V^H``
   with ``tau = rtol * max_i s_i``: the partial isometry that Newton–Schulz
   converges to (zero singular values stay zero, so the zero matrix maps to
-  zero). Computed in float32 (or float64 where enabled) and returned in the
-  dtype of ``x``.
+  zero; a zero-size array maps to itself). Complex inputs give the unitary
+  polar factor. Computed in float32 (or float64 where enabled; complex64 or
+  complex128 for complex inputs) and returned in the dtype of ``x``.
 
   Args:
     x: array of shape ``(..., m, n)``.
@@ -426,6 +584,8 @@ def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
   if x.ndim < 2:
     raise ValueError(f"polar_svd needs an array of rank >= 2; got shape {x.shape}.")
   in_dtype = x.dtype
+  if x.size == 0:
+    return jnp.zeros(x.shape, in_dtype)
   compute = jnp.promote_types(in_dtype, jnp.float32)
   u, s, vt = jnp.linalg.svd(x.astype(compute), full_matrices=False)
   if rtol is None:
@@ -443,11 +603,18 @@ def make_newton_schulz(
 ) -> Orthogonalizer:
   """Binds the options of :func:`newton_schulz` into an orthogonalizer.
 
-  The coefficients are validated here, at construction, not at trace time.
+  The coefficients, ``steps``, ``eps``, ``dtype`` (inexact or ``None``),
+  ``method``, ``restart`` and ``preconditioning`` are validated here, at
+  construction, not at trace time.
   """
   resolve_coeffs(coeffs, steps)
-  _check_eps(eps)
-  _check_method(kwargs.get("method", "auto"), kwargs.get("restart"))
+  _check_options(
+    kwargs.get("preconditioning", "frobenius"),
+    kwargs.get("method", "auto"),
+    kwargs.get("restart"),
+    eps,
+    dtype,
+  )
   return functools.partial(
     newton_schulz, coeffs=coeffs, steps=steps, eps=eps, dtype=dtype, **kwargs
   )

@@ -165,7 +165,10 @@ class GramTest(parameterized.TestCase):
     chex.assert_trees_all_close(half, full, atol=1e-4, rtol=1e-4)
     a = jax.random.normal(jax.random.PRNGKey(0), (3, r, r))
     a = a + jnp.swapaxes(a, 1, 2)
-    chex.assert_trees_all_close(orth._sym_matmul(a, a), a @ a, atol=1e-5, rtol=1e-5)
+    f32 = orth._arith(jnp.float32, None)
+    chex.assert_trees_all_close(
+      orth._product(a, a, f32, symmetric=True), a @ a, atol=1e-5, rtol=1e-5
+    )
 
   def test_aol_and_schatten_against_polar_svd(self):
     x = _with_spectrum(9, 2, 24, 80)
