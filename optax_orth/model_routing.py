@@ -344,11 +344,9 @@ def _head_paths(layers, calls, out_shapes, head) -> dict[str, str]:
   patterns = routing.HEAD_PATTERNS if head == "auto" else head
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   found = {
-    path: f"output head (name {p!r})"
+    path: f"output head (name {path.rsplit('/', 1)[-1]!r})"
     for path, layer in layers.items()
-    if layer.projection
-    for p in patterns[::-1]
-    if re.search(p, f"{path}/kernel")
+    if layer.projection and any(re.search(p, f"{path}/kernel") for p in patterns)
   }
   if head != "auto" or calls is None:
     return found

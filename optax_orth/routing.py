@@ -625,6 +625,7 @@ def routing_table(
       lay = matrix_layout(jnp.shape(x), dn)
       mats = f"{lay.batch} x {lay.fan_in} x {lay.fan_out}"
     shape = tuple(jnp.shape(x))
+    why = why.replace("|", "\\|")  # a pattern's alternatives, escaped
     lines.append(f"| {leaf_name(path)} | {shape} | {label} | {mats} | {why} |")
   return "\n".join(lines)
 

@@ -6,6 +6,8 @@ our NumPy Muon on that layer's matrix, reshaped here by hand; every Adam leaf's
 update is ``optax.adamw``'s.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +119,8 @@ def _rows(params, spec):
   assert lines[0] == (
     "| path | shape | branch | matrices (batch x fan_in x fan_out) | why |"
   )
-  rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+  cells = lambda line: re.split(r"(?<!\\)\|", line.strip("|"))
+  rows = [[c.strip().replace("\\|", "|") for c in cells(line)] for line in lines[2:]]
   return {r[0]: tuple(r[1:]) for r in rows}
 
 
@@ -269,7 +272,7 @@ def test_scanned_nnx_transformer_without_inputs_and_in_nnx_optimizer():
   assert _rows(state, spec)["out/kernel"][1:] == (
     "adam",
     "-",
-    "Linear kernel, output head (name '^out/')",
+    "Linear kernel, output head (name 'out')",
   )
   # nnx.Optimizer initializes on the nnx.State and updates with pure arrays.
   with warnings_as_errors():
@@ -294,6 +297,180 @@ class warnings_as_errors:
     self._ctx = warnings.catch_warnings()
     self._ctx.__enter__()
     warnings.simplefilter("error", optax_orth.RoutingWarning)
+
+  def __exit__(self, *exc):
+    return self._ctx.__exit__(*exc)
+
+
+# The NNX conv net, LinearGeneral / Einsum model, Linen transformer ----------------
+
+
+def test_nnx_conv_net():
+  model = ConvNet(nnx.Rngs(0))
+  spec = optax_orth.route_by_model(model)  # the head is found by its name, fc
+  state = nnx.state(model, nnx.Param)
+  head = "output head (name 'fc')"
+  assert _rows(state, spec) == {
+    "conv1/bias": ("(4,)", "adam", "-", "Conv bias"),
+    "conv1/kernel": ("(3, 3, 3, 4)", "orthogonal", "1 x 27 x 4", "Conv kernel"),
+    "conv2/kernel": ("(3, 3, 4, 6)", "orthogonal", "1 x 36 x 6", "Conv kernel"),
+    "fc/bias": ("(5,)", "adam", "-", f"Linear bias, {head}"),
+    "fc/kernel": ("(6, 5)", "adam", "-", f"Linear kernel, {head}"),
+    "norm/bias": ("(4,)", "adam", "-", "GroupNorm bias"),
+    "norm/scale": ("(4,)", "adam", "-", "GroupNorm scale"),
+  }
+  x = jnp.zeros((2, 6, 6, 3))
+  assert _rows(state, optax_orth.route_by_model(model, x)) == _rows(state, spec)
+  matrices = {"conv1/kernel": _reshaped(27, 4), "conv2/kernel": _reshaped(36, 6)}
+  _check_updates(nnx.as_pure(state), spec, matrices)
+
+
+def test_nnx_linear_general_and_einsum():
+  model = GeneralNet(nnx.Rngs(0))
+  spec = optax_orth.route_by_model(model, jnp.zeros((2, 5, D)))
+  state = nnx.state(model, nnx.Param)
+  head = ", output head (last projection to the output)"
+  assert _rows(state, spec) == {
+    "heads/kernel": ("(2, 4, 6)", "orthogonal", "2 x 4 x 6", "Einsum kernel"),
+    "lm/bias": ("(20,)", "adam", "-", "Einsum bias" + head),
+    "lm/kernel": ("(8, 20)", "adam", "-", "Einsum kernel" + head),
+    "merge/bias": ("(8,)", "adam", "-", "LinearGeneral bias"),
+    "merge/kernel": ("(2, 6, 8)", "orthogonal", "1 x 12 x 8", "LinearGeneral kernel"),
+    "proj/bias": ("(2, 4)", "adam", "-", "LinearGeneral bias"),
+    "proj/kernel": ("(8, 2, 4)", "orthogonal", "1 x 8 x 8", "LinearGeneral kernel"),
+  }
+  matrices = {
+    "heads/kernel": (lambda x: x, lambda m: m),  # one (4, 6) matrix per head
+    "merge/kernel": _reshaped(12, D),
+    "proj/kernel": _reshaped(D, H * HD),
+  }
+  _check_updates(nnx.as_pure(state), spec, matrices)
+
+
+def test_einsum_dimension_numbers():
+  assert einsum_dimension_numbers("bti,ihd->bthd") == DN(0, (1, 2))
+  assert einsum_dimension_numbers("bthd,hde->bthe") == DN(1, 2)
+  assert einsum_dimension_numbers("...d,dv->...v") == DN(0, 1)
+  assert einsum_dimension_numbers("bd,d->b") is None  # a vector, not a matrix
+
+
+def test_linen_transformer_with_scan_and_dense_general_attention():
+  model = LinenTransformer()
+  spec = optax_orth.route_by_model(model, TOKENS)
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  attn, kind = "blocks/attn", "MultiHeadDotProductAttention"
+  rows = {}
+  for name in ("query", "key", "value", "out"):
+    shape = "(3, 2, 4, 8)" if name == "out" else "(3, 8, 2, 4)"
+    why = f"{kind}.{name} kernel, 1 stacked axis"
+    rows[f"{attn}/{name}/kernel"] = (shape, "orthogonal", "3 x 8 x 8", why)
+    bshape = "(3, 8)" if name == "out" else "(3, 2, 4)"
+    rows[f"{attn}/{name}/bias"] = (bshape, "adam", "-", f"{kind}.{name} bias")
+  for name, (i, o) in {"up": (D, FF), "down": (FF, D)}.items():
+    why = "Dense kernel, 1 stacked axis"
+    rows[f"blocks/{name}/kernel"] = (
+      f"(3, {i}, {o})",
+      "orthogonal",
+      f"3 x {i} x {o}",
+      why,
+    )
+    rows[f"blocks/{name}/bias"] = (f"(3, {o})", "adam", "-", "Dense bias")
+  for ln in ("blocks/ln1", "blocks/ln2"):
+    for p in ("bias", "scale"):
+      rows[f"{ln}/{p}"] = ("(3, 8)", "adam", "-", f"LayerNorm {p}")
+  rows |= {
+    "embed/embedding": ("(20, 8)", "adam", "-", "Embed embedding"),
+    "ln/bias": ("(8,)", "adam", "-", "LayerNorm bias"),
+    "ln/scale": ("(8,)", "adam", "-", "LayerNorm scale"),
+    "out/bias": (
+      "(20,)",
+      "adam",
+      "-",
+      "Dense bias, output head (last projection to the output)",
+    ),
+    "out/kernel": (
+      "(8, 20)",
+      "adam",
+      "-",
+      "Dense kernel, output head (last projection to the output)",
+    ),
+  }
+  assert _rows(params, spec) == rows
+  # The variables dict around params routes the same.
+  variables = {"params": params}
+  assert _rows(variables, spec) == {f"params/{k}": v for k, v in rows.items()}
+  qkv, out = _reshaped(D, H * HD), _reshaped(H * HD, D)
+  stacked = (lambda x: x, lambda m: m)
+  matrices = {f"{attn}/{n}/kernel": qkv for n in ("query", "key", "value")}
+  matrices |= {f"{attn}/out/kernel": out}
+  matrices |= {"blocks/up/kernel": stacked, "blocks/down/kernel": stacked}
+  _check_updates(params, spec, matrices)
+  per_head = optax_orth.route_by_model(model, TOKENS, per_head=True)
+  assert _rows(params, per_head)[f"{attn}/query/kernel"][2] == "6 x 8 x 4"
+
+
+def test_linen_needs_sample_inputs_and_other_objects_are_refused():
+  with pytest.raises(ValueError, match="sample inputs"):
+    optax_orth.route_by_model(LinenTransformer())
+  with pytest.raises(TypeError, match="route_by_path"):
+    optax_orth.route_by_model({"w": jnp.zeros((2, 2))})
+
+
+# A list-of-tuples MLP (no model object: route_by_path) -----------------------------
+
+
+def _mlp(container=tuple):
+  rng = np.random.default_rng(0)
+  sizes = [(6, 12), (12, 10), (10, 3)]
+  return [
+    container(
+      (jnp.asarray(rng.standard_normal(s), jnp.float32), jnp.zeros(s[1], jnp.float32))
+    )
+    for s in sizes
+  ]
+
+
+def test_list_of_tuples_mlp():
+  params = _mlp()
+  spec = optax_orth.route_by_path([(r"^2/0$", None), (r"/0$", DN(0, 1))])
+  assert _rows(params, spec) == {
+    "0/0": ("(6, 12)", "orthogonal", "1 x 6 x 12", "rule '/0$'"),
+    "0/1": ("(12,)", "adam", "-", "rank 1"),
+    "1/0": ("(12, 10)", "orthogonal", "1 x 12 x 10", "rule '/0$'"),
+    "1/1": ("(10,)", "adam", "-", "rank 1"),
+    "2/0": ("(10, 3)", "adam", "-", "rule '^2/0$'"),
+    "2/1": ("(3,)", "adam", "-", "rank 1"),
+  }
+  identity = (lambda x: x[None], lambda m: m[0])
+  _check_updates(params, spec, {"0/0": identity, "1/0": identity})
+
+
+@pytest.mark.parametrize(
+  "make", [optax_orth.namo, optax_orth.namo_d, optax_orth.normuon, optax_orth.muon]
+)
+def test_lists_give_the_same_updates_as_tuples(make):
+  tx = make(0.02) if make is optax_orth.muon else make()
+  updates = []
+  for container in (tuple, list):
+    params = _mlp(container)
+    grads = _random_like(params, seed=3)
+    with _quiet():  # the default warns: 0/0 and 1/0 are routed by shape alone
+      state = tx.init(params)
+    updates.append(jax.jit(tx.update)(grads, state, params)[0])
+  assert isinstance(updates[1][0], list) and isinstance(updates[0][0], tuple)
+  for a, b in zip(
+    jax.tree.leaves(updates[0]), jax.tree.leaves(updates[1]), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
+class _quiet:
+  def __enter__(self):
+    import warnings
+
+    self._ctx = warnings.catch_warnings()
+    self._ctx.__enter__()
+    warnings.simplefilter("ignore", optax_orth.RoutingWarning)
 
   def __exit__(self, *exc):
     return self._ctx.__exit__(*exc)
