@@ -45,13 +45,15 @@ DimensionNumbersSpec = MuonDimensionNumbers | Any | Callable[[Any], Any] | None
 DEFAULT_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=0, output_axis=1)
 
 #: Names of output heads (searched in the ``/``-joined leaf path). The first
-#: group matches a module of that name anywhere above the leaf; the second,
-#: names that also occur inside a model's body (an encoder-decoder's
-#: ``decoder``, a ResNet block's ``fc``), only as the leaf itself or the module
-#: that directly holds it (``decoder/kernel``, not ``decoder/layers_0/...``).
+#: group matches a module of that name anywhere above the leaf; the second
+#: only as the leaf itself or the module that directly holds it
+#: (``decoder/kernel``, not an encoder-decoder's ``decoder/layers_0/...``).
+#: ``fc`` is not one: it names GPT-2's and many MLPs' hidden layer as often as
+#: a ResNet's classifier; :func:`optax_orth.route_by_model` finds such a head
+#: as the last projection to the model's output.
 HEAD_PATTERNS: tuple[str, ...] = (
   r"(^|/)(lm_head|head|output_head|readout)(/|$)",
-  r"(^|/)(classifier|cls_head|logits|decoder|unembed|fc)(/[^/]+)?$",
+  r"(^|/)(classifier|cls_head|logits|decoder|unembed)(/[^/]+)?$",
 )
 
 #: Path patterns (regular expressions, searched in the ``/``-joined key path)

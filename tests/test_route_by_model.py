@@ -275,7 +275,7 @@ def test_scanned_nnx_transformer_without_inputs_and_in_nnx_optimizer():
     "Linear kernel, output head (name 'out')",
   )
   # nnx.Optimizer initializes on the nnx.State and updates with pure arrays.
-  with warnings_as_errors():
+  with WarningsAsErrors():
     optimizer = nnx.Optimizer(
       model, optax_orth.namo_d(1e-2, weight_dimension_numbers=spec), wrt=nnx.Param
     )
@@ -288,7 +288,7 @@ def test_scanned_nnx_transformer_without_inputs_and_in_nnx_optimizer():
   assert not np.allclose(kernel, adam["blocks"]["up"]["kernel"], atol=1e-3)
 
 
-class warnings_as_errors:
+class WarningsAsErrors:
   """No RoutingWarning inside (route_by_model explains every leaf)."""
 
   def __enter__(self):
@@ -307,9 +307,10 @@ class warnings_as_errors:
 
 def test_nnx_conv_net():
   model = ConvNet(nnx.Rngs(0))
-  spec = optax_orth.route_by_model(model)  # the head is found by its name, fc
+  x = jnp.zeros((2, 6, 6, 3))
+  spec = optax_orth.route_by_model(model, x)  # fc: the last projection
   state = nnx.state(model, nnx.Param)
-  head = "output head (name 'fc')"
+  head = "output head (last projection to the output)"
   assert _rows(state, spec) == {
     "conv1/bias": ("(4,)", "adam", "-", "Conv bias"),
     "conv1/kernel": ("(3, 3, 3, 4)", "orthogonal", "1 x 27 x 4", "Conv kernel"),
@@ -319,8 +320,10 @@ def test_nnx_conv_net():
     "norm/bias": ("(4,)", "adam", "-", "GroupNorm bias"),
     "norm/scale": ("(4,)", "adam", "-", "GroupNorm scale"),
   }
-  x = jnp.zeros((2, 6, 6, 3))
-  assert _rows(state, optax_orth.route_by_model(model, x)) == _rows(state, spec)
+  by_name = optax_orth.route_by_model(model, head="fc")
+  assert (
+    _rows(state, by_name)["fc/kernel"][3] == "Linear kernel, output head (name 'fc')"
+  )
   matrices = {"conv1/kernel": _reshaped(27, 4), "conv2/kernel": _reshaped(36, 6)}
   _check_updates(nnx.as_pure(state), spec, matrices)
 
@@ -454,7 +457,7 @@ def test_lists_give_the_same_updates_as_tuples(make):
   for container in (tuple, list):
     params = _mlp(container)
     grads = _random_like(params, seed=3)
-    with _quiet():  # the default warns: 0/0 and 1/0 are routed by shape alone
+    with Quiet():  # the default warns: 0/0 and 1/0 are routed by shape alone
       state = tx.init(params)
     updates.append(jax.jit(tx.update)(grads, state, params)[0])
   assert isinstance(updates[1][0], list) and isinstance(updates[0][0], tuple)
@@ -464,7 +467,7 @@ def test_lists_give_the_same_updates_as_tuples(make):
     np.testing.assert_array_equal(a, b)
 
 
-class _quiet:
+class Quiet:
   def __enter__(self):
     import warnings
 

@@ -1,0 +1,169 @@
+"""Nothing is routed silently: warnings, strict mode, named spec errors, pytrees."""
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import optax_orth
+from optax_orth import MuonDimensionNumbers as DN
+from optax_orth import routing
+from tests.test_route_by_model import TOKENS, ScannedTransformer
+
+
+@pytest.fixture
+def fresh_default():
+  """The default routing reports each leaf once per process: forget them."""
+  routing.default_routing().__dict__.pop("_reported", None)
+  yield routing.default_routing()
+  routing.default_routing().__dict__.pop("_reported", None)
+
+
+def _routing_warnings(record):
+  return [w for w in record if issubclass(w.category, optax_orth.RoutingWarning)]
+
+
+def test_default_warns_once_on_the_scanned_model(fresh_default):
+  model = ScannedTransformer(nnx.Rngs(0))
+  grads = nnx.state(model, nnx.Param)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    optimizer = nnx.Optimizer(model, optax_orth.namo(1e-2), wrt=nnx.Param)
+    for _ in range(2):
+      optimizer.update(model, grads)
+  (warning,) = _routing_warnings(record)
+  message = str(warning.message)
+  assert "route_by_model" in message
+  for name in ("blocks/attn/query/kernel", "blocks/up/kernel", "blocks/down/kernel"):
+    assert f"{name} (3, " in message
+  assert "rank 4, no rule -> adam" in message
+  assert warning.filename == __file__  # points at the user's line
+
+
+def test_strict_is_an_error_and_route_by_model_is_quiet():
+  model = ScannedTransformer(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  strict = optax_orth.route_by_path(strict=True)
+  with pytest.raises(ValueError, match=r"blocks/up/kernel \(3, 8, 16\)"):
+    optax_orth.namo_d(weight_dimension_numbers=strict).init(state)
+  spec = optax_orth.route_by_model(model, TOKENS, strict=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", optax_orth.RoutingWarning)
+    optax_orth.normuon(weight_dimension_numbers=spec).init(state)
+
+
+def test_shape_only_2d_leaves_and_unknown_modules_are_reported():
+  class Custom(nnx.Module):
+    def __init__(self, rngs):
+      self.pos = nnx.Param(jnp.zeros((5, 8)))  # a table, not a layer
+      self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  model = Custom(nnx.Rngs(0))
+  spec = optax_orth.route_by_model(model)
+  with pytest.warns(optax_orth.RoutingWarning, match=r"pos \(5, 8\): Custom"):
+    table = optax_orth.routing_table(nnx.state(model, nnx.Param), spec)
+  assert "| lin/kernel | (8, 8) | orthogonal | 1 x 8 x 8 | Linear kernel |" in table
+  with pytest.raises(ValueError, match="pos"):
+    optax_orth.label_tree(
+      nnx.state(model, nnx.Param), optax_orth.route_by_model(model, strict=True)
+    )
+
+
+def test_rules_see_nnx_names_without_value_and_unmatched_rules_are_reported():
+  model = ScannedTransformer(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  spec = optax_orth.route_by_path({r"blocks/(up|down)/kernel$": DN(1, 2)})
+  with pytest.warns(optax_orth.RoutingWarning):  # attention kernels: no rule
+    labels = optax_orth.label_tree(state, spec)
+  assert labels["blocks"]["up"]["kernel"].get_value() == "orthogonal"
+  typo = optax_orth.route_by_path({r"blocks/.*/kernal$": DN(1, 2)})
+  with pytest.warns(optax_orth.RoutingWarning, match="match no leaf") as record:
+    optax_orth.label_tree(state, typo)
+  assert "blocks/.*/kernal$" in str(record[0].message)
+  strict = optax_orth.route_by_path({r"blocks/.*/kernal$": DN(1, 2)}, strict=True)
+  with pytest.raises(ValueError, match="kernal"):
+    optax_orth.label_tree(state, strict)
+
+
+def test_overrides_win_and_unmatched_overrides_are_reported():
+  model = ScannedTransformer(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  spec = optax_orth.route_by_model(model, overrides={r"blocks/up/kernel": None})
+  table = optax_orth.routing_table(state, spec)
+  assert (
+    "| blocks/up/kernel | (3, 8, 16) | adam | - | override 'blocks/up/kernel' |"
+    in table
+  )
+  spec = optax_orth.route_by_model(model, overrides={r"blocks/upp/": None})
+  with pytest.warns(optax_orth.RoutingWarning, match="blocks/upp/"):
+    optax_orth.label_tree(state, spec)
+
+
+def test_typo_in_a_nested_spec_key_is_named():
+  params = {"attn": {"k": jnp.zeros((8, 8)), "q": jnp.zeros((8, 8))}}
+  spec = {"attn": {"kk": DN(), "q": DN()}}
+  with pytest.raises(ValueError) as err:
+    optax_orth.namo(weight_dimension_numbers=spec).init(params)
+  assert "leaf 'attn/k' (8, 8) has no entry; did the entry 'attn/kk' mean it?" in str(
+    err.value
+  )
+  with pytest.raises(ValueError, match="'extra'"):
+    optax_orth.label_tree({"w": jnp.zeros((2, 2))}, {"w": DN(), "extra": DN()})
+  with pytest.raises(ValueError, match="'w' is 'matrix'"):
+    optax_orth.label_tree({"w": jnp.zeros((2, 2))}, {"w": "matrix"})
+
+
+def test_spec_trees_fit_any_container():
+  @jax.tree_util.register_dataclass
+  @dataclasses.dataclass
+  class Layer:
+    kernel: jax.Array
+    bias: jax.Array | None
+
+  params = [Layer(jnp.zeros((4, 6)), None), (Layer(jnp.zeros((6, 2)), jnp.zeros(2)),)]
+  spec = ({"kernel": DN(), "bias": None}, [{"kernel": None, "bias": None}])
+  labels = optax_orth.label_tree(params, spec)
+  assert labels[0].kernel == "orthogonal" and labels[0].bias is None
+  assert labels[1][0].kernel == "adam"
+  model = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  pure_spec = {"kernel": DN(), "bias": None}  # a pure dict for an nnx.State
+  assert optax_orth.label_tree(state, pure_spec)["kernel"].get_value() == "orthogonal"
+
+
+def test_head_name_patterns():
+  names = [
+    "classifier",
+    "cls_head",
+    "logits",
+    "decoder",
+    "unembed",
+    "output_head",
+  ]
+  params = {n: {"kernel": jnp.zeros((4, 4))} for n in names}
+  params["decoder_stack"] = {"decoder": {"layers_0": {"kernel": jnp.zeros((4, 4))}}}
+  params["mlp"] = {"fc": {"kernel": jnp.zeros((4, 4))}}
+  labels = optax_orth.label_tree(params, None)
+  assert all(labels[n]["kernel"] == "adam" for n in names)
+  assert labels["decoder_stack"]["decoder"]["layers_0"]["kernel"] == "orthogonal"
+  assert labels["mlp"]["fc"]["kernel"] == "orthogonal"  # GPT-2's hidden layer
+
+
+def test_tied_embedding_head_is_the_embedding():
+  class Tied(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(20, 8, rngs=rngs)
+      self.proj = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, tokens):
+      return self.embed.attend(self.proj(self.embed(tokens)))
+
+  model = Tied(nnx.Rngs(0))
+  table = optax_orth.routing_table(
+    nnx.state(model, nnx.Param), optax_orth.route_by_model(model, TOKENS)
+  )
+  assert "| proj/kernel | (8, 8) | orthogonal | 1 x 8 x 8 | Linear kernel |" in table
+  assert "| embed/embedding | (20, 8) | adam | - | Embed embedding |" in table
