@@ -89,10 +89,12 @@ def main():
     model = MLP(ARGS.width, depth=4, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   param_sh = jax.tree.map(lambda x: x.sharding, params)
-  print(optax_orth.routing_table(params, optax_orth.route_by_path()))
+  routing = optax_orth.route_by_model(model)  # reads each layer's layout
+  print(optax_orth.routing_table(params, routing))
 
   tx = optax_orth.namo_d(
     ARGS.lr,
+    weight_dimension_numbers=routing,
     weight_decay=0.0,
     sharding=optax_orth.OwnerSharding(mesh, "fsdp"),
   )

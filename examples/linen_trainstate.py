@@ -41,9 +41,15 @@ class Classifier(nn.Module):
     return nn.Dense(self.n_classes, name="readout")(x)
 
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  """``namo_d``, ``namo``, ``normuon``, ``muon`` (all routed) or ``adamw``."""
-  routing = optax_orth.route_by_path()  # embed, head/readout, vectors -> AdamW
+def make_optimizer(
+  name: str, learning_rate: float, routing=None
+) -> optax.GradientTransformation:
+  """``namo_d``, ``namo``, ``normuon``, ``muon`` (all routed) or ``adamw``.
+
+  ``routing``: a spec, ``optax_orth.route_by_model(Classifier(), tokens)`` in
+  ``main`` (embed, the readout head, vectors -> AdamW); ``None``: by path.
+  """
+  routing = routing or optax_orth.route_by_path()
   if name == "adamw":
     return optax.adamw(learning_rate)
   if name == "muon":
@@ -77,13 +83,14 @@ def main(argv=None) -> float:
   model = Classifier()
   key, init_key = jax.random.split(jax.random.key(0))
   variables = model.init(init_key, jnp.zeros((1, 8), jnp.int32))
-  print(optax_orth.routing_table(variables["params"], optax_orth.route_by_path()))
+  routing = optax_orth.route_by_model(model, jnp.zeros((1, 8), jnp.int32))
+  print(optax_orth.routing_table(variables["params"], routing))
 
   state = train_state.TrainState.create(
     apply_fn=model.apply,
     params=variables["params"],
     tx=optax.chain(
-      optax.clip_by_global_norm(1.0), make_optimizer(args.optimizer, args.lr)
+      optax.clip_by_global_norm(1.0), make_optimizer(args.optimizer, args.lr, routing)
     ),
   )
 
