@@ -210,25 +210,233 @@ def test_routing_sends_embeddings_and_norms_to_adam():
     assert flat[f"blocks/0/{name}/kernel"] == "orthogonal"
 
 
-def test_compare_smoke_writes_table_and_plot(tmp_path):
-  rows = compare.main(
-    ["--preset", "smoke", "--optimizers", "adamw,namo_d", "--out", str(tmp_path)]
+def _results(out: Path) -> list[dict]:
+  lines = (out / "results.jsonl").read_text().splitlines()
+  return [json.loads(x) for x in lines if x]
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--optimizer", "muon"], "--optimizers NAME"),  # train.py's flag, not ours
+    (["--optimizer=muon"], "--optimizers NAME"),
+    (["--lr", "0.1"], "--lr-grid NAME=VALUE"),
+    (["--clamp", "0.4"], "--clamp-grid VALUE"),
+    (["--optim", "muon"], "unrecognized arguments"),  # no prefix matching
+    (["--bogus"], "unrecognized arguments"),
+    (["--optimizers", "muon,sgd"], "unknown optimizer 'sgd'"),
+    (["--lr-grid", "muon"], "NAME=V1,V2"),
+    (["--lr-grid", "sgd=0.1"], "unknown optimizer 'sgd'"),
+    (["--lr-grid", "muon=0.1,x"], "not a comma-separated list"),
+    (["--lr-grid", "muon=0.1,0.1", "--sweep"], "repeats a value"),
+    (["--lr-grid", "muon=-0.1"], "must be > 0"),
+    (["--lr-grid", "muon=0.01,0.02"], "is for --sweep"),
+    (["--clamp-grid", "0.4,0.75"], "is for --sweep"),
+    (["--optimizers", "muon", "--lr-grid", "adamw=0.1"], "not in --optimizers"),
+    (["--optimizers", "muon", "--clamp-grid", "0.4"], "namo_d is not in"),
+    (["--and-final"], "goes with --sweep"),
+    (["--steps", "10", "--eval-every", "4"], "multiple of --eval-every"),
+  ],
+)
+def test_compare_refuses_bad_and_inherited_flags(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    compare.parse(["--preset", "smoke", *argv])
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_every_flag_has_a_description():
+  for parser in (compare.build_parser(), train_lib.build_parser()):
+    for action in parser._actions:
+      assert action.help and action.help.strip(), action.option_strings
+  text = compare.build_parser().format_help()
+  for flag in ("--data", "--lr-grid", "--clamp-grid", "--val-fraction", "--sweep"):
+    assert flag in text
+  assert "moby-dick" in text and ".tar.xz" in text  # what --data takes
+
+
+def test_compare_grids_parse():
+  argv = ["--preset", "smoke", "--sweep", "--lr-grid", "muon=0.04, 0.01,0.02"]
+  job = compare.parse([*argv, "--lr-grid", "adamw=1e-3", "--clamp-grid", "0.9,0.12"])
+  assert job.lr_grids["muon"] == [0.01, 0.02, 0.04]  # sorted
+  assert job.lr_grids["adamw"] == [1e-3]
+  assert job.lr_grids["namo"] == list(compare.PRESETS["smoke"]["lr_grids"]["namo"])
+  assert job.clamp_grid == [0.12, 0.9]
+  assert compare.CLAMP_GRID == (0.12, 0.4, 0.75, 0.9)  # the NAMO paper's values
+  plan = compare.plan_runs(job, None)
+  namo_d = [p for name, _, pts in plan if name == "namo_d" for p in pts]
+  assert len(namo_d) == len(job.lr_grids["namo_d"]) * 2  # lr x clamp
+  assert {s for _, _, s in namo_d} == {100}  # the sweep seed, not a final one
+  # The default run: a one-value grid sets the learning rate.
+  job = compare.parse(["--preset", "smoke", "--lr-grid", "muon=0.03"])
+  settings, _, _ = compare.resolve_settings(job)
+  assert settings["muon"]["lr"] == 0.03
+  assert job.seeds == [0, 1, 2]
+
+
+def test_paired_intervals_and_resolution():
+  iv = compare.paired_interval([1.0, 2.0, 3.0], [1.1, 2.1, 3.2])
+  d = np.array([0.1, 0.1, 0.2])
+  half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+  assert iv["n"] == 3
+  np.testing.assert_allclose(
+    [iv["mean"], iv["lo"], iv["hi"]], [d.mean(), d.mean() - half, d.mean() + half]
   )
-  assert [r["optimizer"] for r in rows] == ["adamw", "namo_d"]
-  for r in rows:
-    assert r["n"] == 2 and math.isfinite(r["mean"]) and r["tokens"] == 8 * 4 * 32
-  table = (tmp_path / "table.md").read_text()
-  assert "| AdamW |" in table and "| NAMO-D |" in table
-  assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+  assert compare.t975(2) == 4.303 and compare.t975(1000) == 1.96
+
+  def run(name, seed, loss):
+    history = [{"step": s, "tokens": s, "val_loss": loss + 1.0 / s} for s in (1, 8, 10)]
+    return {
+      "phase": "final", "optimizer": name, "lr": 0.1, "clamp": 0.75, "seed": seed,
+      "final_val_loss": loss, "history": history, "wall_time": 1.0, "tokens": 10,
+    }  # fmt: skip
+
+  # Muon is better than NAMO on every seed by 0.01 (resolved, though the seed
+  # spread is 0.1); NAMO and AdamW cross (not resolved).
+  results = [run("muon", s, 2.0 + 0.1 * s) for s in range(3)]
+  results += [run("namo", s, 2.01 + 0.1 * s) for s in range(3)]
+  results += [run("adamw", s, v) for s, v in enumerate((2.0, 2.3, 2.2))]
+  rows = compare.final_rows(results)
+  assert [r["optimizer"] for r in rows] == ["muon", "namo", "adamw"]
+  pairs = compare.neighbours(rows)
+  assert pairs[0]["resolved"] and not pairs[1]["resolved"]
+  np.testing.assert_allclose(pairs[0]["mean"], 0.01)
+  text = compare.final_markdown(rows, pairs)
+  assert (
+    "Resolved (the 95 % interval of the paired difference excludes 0): Muon < NAMO."
+    in text
+  )
+  assert "Not resolved" in text and "NAMO vs AdamW" in text
+  # Flatness: the loss at 80 % of the steps (step 8) minus the final one.
+  np.testing.assert_allclose(rows[0]["late_drop"], 1 / 8 - 1 / 10)
+
+
+def test_sweep_warns_at_the_edge_of_a_grid():
+  def point(name, lr, clamp, loss):
+    return {"phase": "sweep", "optimizer": name, "lr": lr, "clamp": clamp, "seed": 100,
+            "final_val_loss": loss}  # fmt: skip
+
   results = [
-    json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()
+    point("muon", lr, 0.75, v) for lr, v in ((0.01, 2.5), (0.02, 2.4), (0.04, 2.3))
   ]
-  assert {(r["optimizer"], r["seed"]) for r in results} == {
-    ("adamw", 0),
-    ("adamw", 1),
-    ("namo_d", 0),
-    ("namo_d", 1),
-  }
+  results += [
+    point("namo", lr, 0.75, v) for lr, v in ((0.01, 2.5), (0.02, 2.4), (0.04, 2.45))
+  ]
+  results += [
+    point("namo_d", lr, c, 2.0 + abs(lr - 0.02) + c)
+    for lr in (0.01, 0.02, 0.04)
+    for c in (0.12, 0.4)
+  ]
+  sweep = compare.summarize_sweep(results)
+  assert sweep["muon"]["chosen"]["lr"] == 0.04
+  assert len(sweep["muon"]["warnings"]) == 1
+  assert "highest value of its grid" in sweep["muon"]["warnings"][0]
+  assert sweep["namo"]["chosen"]["lr"] == 0.02 and not sweep["namo"]["warnings"]
+  assert sweep["namo_d"]["chosen"] == {"lr": 0.02, "clamp": 0.12}
+  assert ["clamp" in w and "lowest" in w for w in sweep["namo_d"]["warnings"]] == [True]
+  assert "**Warning:** Muon: the chosen lr 0.04" in compare.sweep_markdown(sweep)
+
+
+def test_year_named_file_splits_by_fraction_unless_asked(tmp_path):
+  """A single file whose name starts with a year is not split by year."""
+  f = tmp_path / "1851_novel.txt"
+  f.write_text("Call me Ishmael. " * 400)
+  train, val, vocab = data_lib.load_splits(f)
+  assert vocab == 256 and len(val) > 0
+  np.testing.assert_allclose(len(val) / (len(train) + len(val)), 0.1, atol=1e-3)
+  train, val, _ = data_lib.load_splits(f, val_fraction=0.25)
+  np.testing.assert_allclose(len(val) / (len(train) + len(val)), 0.25, atol=1e-3)
+  with pytest.raises(ValueError, match="empty split"):
+    data_lib.load_splits(f, val_from_year=1800)  # asked: by year
+  with pytest.raises(ValueError, match="have none"):
+    data_lib.split_documents([("novel.txt", "text")], val_from_year=2000)
+  job = compare.parse(["--preset", "smoke", "--data", str(f), "--val-fraction", "0.2"])
+  assert job.base.val_fraction == 0.2 and job.base.val_from_year is None
+  assert job.corpus == "1851_novel"
+
+
+def test_moby_dick_corpus_is_bundled():
+  docs = data_lib.read_documents("moby-dick")
+  assert len(docs) == 138  # etymology, extracts, 135 chapters, epilogue
+  assert docs[2][1].startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.")
+  _, val_text = data_lib.split_documents(docs)  # the last 10 %
+  assert val_text.endswith(docs[-1][1]) and "Epilogue" in val_text
+  archive = data_lib.CORPORA["moby-dick"][0]
+  assert archive.stat().st_size < 3_000_000
+
+
+def test_run_group_matches_a_single_run(tmp_path):
+  """Runs in lockstep (vmap over runs, scan over steps) follow the same
+  trajectory as each run alone."""
+  corpus = _text_corpus(tmp_path)
+  cfg = train_lib.TrainConfig(
+    **{
+      **train_lib.PRESETS["smoke"],
+      "optimizer": "namo_d",
+      "steps": 8,
+      "eval_every": 4,
+      "data": str(corpus),
+      "clamp": 0.4,
+    }
+  )
+  splits = train_lib.load_config_splits(cfg)
+  alone = train_lib.train(cfg, None, progress=False, splits=splits, verbose=False)
+  mcfg = train_lib.model_config(cfg, splits[2])
+  graphdef, _ = train_lib.init_params(mcfg, 0)
+  group = train_lib.RunGroup(graphdef, cfg, 2, cfg.eval_every)
+  hp = [(cfg.peak_lr, cfg.adam_lr, 0.4), (cfg.peak_lr, cfg.adam_lr, 0.75)]
+  runs = group.run([0, 0], hp, splits)
+  np.testing.assert_allclose(
+    [h["val_loss"] for h in runs[0]["history"]],
+    [h["val_loss"] for h in alone["history"]],
+    rtol=1e-4,
+  )
+  assert [h["step"] for h in runs[0]["history"]] == [4, 8]
+  assert runs[0]["history"] != runs[1]["history"]  # the clamp is per run
+
+
+def test_compare_sweep_final_and_resume(tmp_path, capsys):
+  """Sweep then final runs in one job; --resume with fewer optimizers keeps
+  every row results.jsonl holds; another budget in the same --out is refused."""
+  corpus = _text_corpus(tmp_path)
+  out = tmp_path / "job"
+  argv = ["--preset", "smoke", "--data", str(corpus), "--out", str(out)]
+  argv += ["--no-progress", "--seeds", "2", "--lockstep", "2"]
+  grids = ["--lr-grid", "adamw=0.003,0.006", "--lr-grid", "namo_d=0.01"]
+  grids += ["--clamp-grid", "0.4,0.75"]
+  res = compare.main(
+    [*argv, "--optimizers", "adamw,namo_d", "--sweep", "--and-final", *grids]
+  )
+  err = capsys.readouterr().err
+  assert "warning: AdamW: the chosen lr" in err  # a 2-point grid: always an edge
+  assert {r["optimizer"] for r in res["rows"]} == {"adamw", "namo_d"}
+  assert all(r["n"] == 2 and math.isfinite(r["mean"]) for r in res["rows"])
+  assert res["rows"][0]["tokens"] == 8 * 4 * 32
+  assert len(res["pairs"]) == 1
+  results = _results(out)
+  assert {(r["phase"], r["optimizer"]) for r in results} == {
+    ("sweep", "adamw"), ("sweep", "namo_d"), ("final", "adamw"), ("final", "namo_d"),
+  }  # fmt: skip
+  assert {r["seed"] for r in results if r["phase"] == "final"} == {0, 1}
+  assert {r["seed"] for r in results if r["phase"] == "sweep"} == {100}
+  sweep = json.loads((out / "sweep.json").read_text())
+  assert sweep["sweep"]["namo_d"]["grid"]["clamp"] == [0.4, 0.75]
+  assert "--sweep" in sweep["command"] and sweep["machine"]
+  table = (out / "table.md").read_text()
+  assert "| AdamW |" in table and "| NAMO-D |" in table and "95 % interval" in table
+  assert "tokens/s" in table and "GFLOP/s" in table
+  assert (out / "loss_curves.png").stat().st_size > 10_000
+  n = len(results)
+
+  # Resume with one optimizer and another lr: nothing is dropped from the table.
+  again = ["--optimizers", "adamw", "--lr-grid", "adamw=0.002", "--resume"]
+  res = compare.main([*argv, *again])
+  assert len(_results(out)) == n + 2
+  names = sorted(r["optimizer"] for r in res["rows"])
+  assert names == ["adamw", "adamw", "namo_d"]  # both AdamW settings, and NAMO-D
+  assert "| NAMO-D |" in (out / "table.md").read_text()
+  with pytest.raises(SystemExit, match="another configuration"):
+    compare.main([*argv, "--optimizers", "adamw", "--steps", "12", "--resume"])
 
 
 def test_linen_trainstate_example_learns():

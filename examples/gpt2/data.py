@@ -1,14 +1,22 @@
 """Text corpus, tokenizers and batches for the GPT-2 example.
 
-The default corpus is the State of the Union addresses 1790–2021 bundled as
-``examples/data/sotu-1790-2021.tar.xz`` (see ``examples/data/README.md``).
+Two corpora are bundled under ``examples/data/`` (see its ``README.md``) and
+can be named instead of given as a path:
+
+* ``sotu`` (the default): the State of the Union addresses 1790–2021,
+  ``sotu-1790-2021.tar.xz``; split by year (addresses from 2000 on are the
+  validation split);
+* ``moby-dick``: Herman Melville's *Moby-Dick* (1851), ``moby-dick.tar.xz``;
+  split by position (the last 10 % of the book is the validation split).
+
 Any other corpus is accepted: a text file, a folder of ``.txt`` files, or a
 ``.tar``/``.tar.gz``/``.tar.xz`` archive of them.
 
-Split: when every document's name starts with a four-digit year (as the SOTU
-files ``YEAR_PRESIDENT_PARTY.txt`` do), documents from ``val_from_year`` on
-are the validation split; otherwise the last ``val_fraction`` of the
-concatenated text is.
+Split: the last ``val_fraction`` of the concatenated text (documents in name
+order) is the validation split. File names are parsed as years only when asked
+(``val_from_year``, or a bundled corpus whose default split is by year): then
+documents whose name starts with a year ``>= val_from_year`` are the
+validation split.
 
 Tokenizers: ``"byte"`` (UTF-8 bytes, vocabulary 256) and ``"gpt2"`` (GPT-2's
 byte-level BPE, vocabulary 50257, read from the ``encoder.json`` and
@@ -32,8 +40,31 @@ import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_CORPUS = DATA_DIR / "sotu-1790-2021.tar.xz"
+
+#: Bundled corpora by name: ``(path, default split)``; the split is a
+#: ``val_from_year`` (by year) or ``None`` (the last ``val_fraction``).
+CORPORA: dict[str, tuple[Path, int | None]] = {
+  "sotu": (DEFAULT_CORPUS, 2000),
+  "moby-dick": (DATA_DIR / "moby-dick.tar.xz", None),
+}
 _TEXT_SUFFIXES = (".txt", ".md", ".text")
 _YEAR = re.compile(r"^(\d{4})")
+
+
+def resolve_corpus(
+  data: str | os.PathLike | None, val_from_year: int | None = None
+) -> tuple[Path, int | None]:
+  """``(path, val_from_year)`` for a bundled corpus name, a path or ``None``.
+
+  A bundled corpus brings its default split unless ``val_from_year`` is
+  given; a path is split by position unless ``val_from_year`` is given.
+  """
+  if data is None:
+    data = "sotu"
+  if str(data) in CORPORA:
+    path, year = CORPORA[str(data)]
+    return path, year if val_from_year is None else val_from_year
+  return Path(data), val_from_year
 
 
 def read_documents(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
@@ -41,13 +72,13 @@ def read_documents(path: str | os.PathLike | None = None) -> list[tuple[str, str
 
   Args:
     path: a text file, a folder (its ``.txt``/``.md``/``.text`` files, found
-      recursively), or a tar archive of such files. ``None``: the bundled SOTU
-      corpus.
+      recursively), a tar archive of such files, or the name of a bundled
+      corpus (:data:`CORPORA`). ``None``: the bundled SOTU corpus.
 
   Raises:
     ValueError: if the path does not exist or holds no text.
   """
-  path = Path(DEFAULT_CORPUS if path is None else path)
+  path = resolve_corpus(path)[0]
   if not path.exists():
     raise ValueError(f"corpus path {str(path)!r} does not exist.")
   docs: list[tuple[str, str]] = []
@@ -71,21 +102,30 @@ def read_documents(path: str | os.PathLike | None = None) -> list[tuple[str, str
 
 def split_documents(
   docs: Sequence[tuple[str, str]],
-  val_from_year: int = 2000,
+  val_from_year: int | None = None,
   val_fraction: float = 0.1,
   separator: str = "\n\n",
 ) -> tuple[str, str]:
   """Splits documents into ``(train_text, val_text)``.
 
-  By year when every name starts with a year (``year < val_from_year`` is
-  training), else the last ``val_fraction`` of the joined text.
+  ``val_from_year=None`` (the default): the last ``val_fraction`` of the
+  joined text is the validation split; names are not looked at. Otherwise
+  every name must start with a four-digit year, and ``year < val_from_year``
+  is training.
 
   Raises:
-    ValueError: if a split comes out empty or ``val_fraction`` is not in
-      ``(0, 1)``.
+    ValueError: if a split comes out empty, ``val_fraction`` is not in
+      ``(0, 1)``, or ``val_from_year`` is given and a name has no year.
   """
-  years = [_YEAR.match(name) for name, _ in docs]
-  if all(years):
+  if val_from_year is not None:
+    years = [_YEAR.match(name) for name, _ in docs]
+    missing = [name for (name, _), y in zip(docs, years, strict=True) if not y]
+    if missing:
+      raise ValueError(
+        f"val_from_year={val_from_year} splits by the year that starts each file "
+        f"name, but {len(missing)} names have none (e.g. {missing[0]!r}); use "
+        "val_fraction instead."
+      )
     train = [
       t for (_, t), y in zip(docs, years, strict=True) if int(y[1]) < val_from_year
     ]
@@ -102,6 +142,10 @@ def split_documents(
     raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
   text = separator.join(t for _, t in docs)
   cut = int(len(text) * (1.0 - val_fraction))
+  if cut <= 0 or cut >= len(text):
+    raise ValueError(
+      f"val_fraction={val_fraction} leaves an empty split of {len(text)} characters."
+    )
   return text[:cut], text[cut:]
 
 
@@ -230,16 +274,21 @@ def _cache_dir() -> Path:
 def load_splits(
   path: str | os.PathLike | None = None,
   tokenizer: str = "byte",
-  val_from_year: int = 2000,
+  val_from_year: int | None = None,
   val_fraction: float = 0.1,
   cache: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int]:
   """``(train_tokens, val_tokens, vocab_size)`` for a corpus.
 
+  ``path`` as :func:`read_documents`; the split as :func:`split_documents`,
+  where a bundled corpus named by ``path`` (or ``None``) brings its default
+  ``val_from_year`` (see :func:`resolve_corpus`).
+
   BPE tokens are cached under ``~/.cache/optax_orth_examples`` (keyed by a
   hash of the text) since pure-Python BPE takes a while on 10 MB.
   """
   tok = get_tokenizer(tokenizer)
+  path, val_from_year = resolve_corpus(path, val_from_year)
   train_text, val_text = split_documents(
     read_documents(path), val_from_year, val_fraction
   )

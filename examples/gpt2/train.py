@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -77,6 +78,7 @@ class TrainConfig:
   optimizer: str = "namo_d"
   lr: float | None = None
   adam_lr: float = 3e-3
+  clamp: float = 0.75
   weight_decay: float | None = None
   steps: int = 300
   warmup_steps: int = 30
@@ -89,10 +91,12 @@ class TrainConfig:
   d_model: int = 128
   eval_every: int = 50
   eval_batches: int = 8
+  final_eval_batches: int = 0
   seed: int = 0
   data: str | None = None
   tokenizer: str = "byte"
-  val_from_year: int = 2000
+  val_fraction: float = 0.1
+  val_from_year: int | None = None
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -103,6 +107,10 @@ class TrainConfig:
       raise ValueError(
         f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})."
       )
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}.")
+    if self.eval_batches < 1 or self.final_eval_batches < 0:
+      raise ValueError("eval_batches must be >= 1 and final_eval_batches >= 0.")
 
   @property
   def peak_lr(self) -> float:
@@ -112,6 +120,45 @@ class TrainConfig:
   def tokens_per_step(self) -> int:
     return self.batch_size * self.seq_len
 
+  @property
+  def n_final_eval(self) -> int:
+    return self.final_eval_batches or self.eval_batches
+
+
+#: ``--help`` text of every :class:`TrainConfig` field (train.py and compare.py).
+FIELD_HELP: dict[str, str] = {
+  "optimizer": f"the optimizer, one of {', '.join(OPTIMIZERS)}",
+  "lr": "peak learning rate of the matrices (of every parameter for AdamW); "
+  "default: the optimizer's reference value",
+  "adam_lr": "peak learning rate of the AdamW branch of the orthogonal optimizers "
+  "(embeddings, LayerNorm scales)",
+  "clamp": "NAMO-D's clamp c of the per-feature step sizes toward their mean "
+  "(ignored by the other optimizers)",
+  "weight_decay": "weight decay; default: each optimizer's reference value",
+  "steps": "training steps (the schedule spans them)",
+  "warmup_steps": "linear warmup steps before the cosine decay",
+  "final_lr_frac": "the cosine decay ends at this fraction of the peak",
+  "clip_norm": "clip gradients to this global norm (0: no clipping)",
+  "batch_size": "sequences per step",
+  "seq_len": "tokens per sequence (the model's context)",
+  "n_layer": "transformer blocks",
+  "n_head": "attention heads per block",
+  "d_model": "width of the residual stream",
+  "eval_every": "evaluate on the validation split every this many steps",
+  "eval_batches": "validation batches per evaluation during training",
+  "final_eval_batches": "validation batches of the evaluation after the last step "
+  "(0: eval_batches)",
+  "seed": "seed of the initialisation and of the batch order",
+  "data": "corpus: a bundled one by name (sotu, moby-dick; default sotu), or a text "
+  "file, a folder of .txt/.md files, or a .tar/.tar.gz/.tar.xz archive of them",
+  "tokenizer": "byte (UTF-8 bytes, vocabulary 256) or gpt2 (GPT-2 BPE)",
+  "val_fraction": "the last this fraction of the text is the validation split "
+  "(unless split by year)",
+  "val_from_year": "split by the year that starts each file name instead: files "
+  "from this year on are the validation split (the sotu corpus does so from 2000 "
+  "by default; other paths only when this is given)",
+}
+
 
 #: Model and run sizes shared with ``compare.py``.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -120,11 +167,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, steps=12,
     warmup_steps=2, eval_every=6, eval_batches=2,
   ),
-  # 2 CPU cores: 0.6M non-embedding parameters, bytes as tokens (the preset
-  # of compare.py's measured run, docs/results.md).
+  # 2 CPU cores: 0.39M matrix parameters, bytes as tokens, 655,360 tokens per
+  # run (the preset of compare.py's measured runs, docs/results.md).
   "cpu": dict(
-    n_layer=3, n_head=4, d_model=128, seq_len=64, batch_size=16, steps=160,
-    warmup_steps=16, eval_every=20, eval_batches=4, adam_lr=4e-3,
+    n_layer=2, n_head=4, d_model=128, seq_len=64, batch_size=32, steps=320,
+    warmup_steps=32, eval_every=32, eval_batches=4, final_eval_batches=32,
+    adam_lr=4e-3,
   ),
   # One accelerator: the GPT-2 small shape (124M parameters) with GPT-2's BPE.
   # 600 steps of 16 x 1024 tokens are about 5 passes over the SOTU training
@@ -167,6 +215,7 @@ def build_optimizer(
   clip_norm: float | None = 1.0,
   weight_decay: float | None = None,
   diagnostics_every: int = 0,
+  clamp: Any = 0.75,
 ) -> optax.GradientTransformation:
   """One of :data:`OPTIMIZERS`, with the schedule, routing and clipping.
 
@@ -181,6 +230,9 @@ def build_optimizer(
   ``diagnostics_every`` steps on the hidden matrices (the routing's
   orthogonal leaves); the metrics are at
   ``optax.tree_utils.tree_get(opt_state, "metrics")``.
+
+  ``lr``, ``adam_lr`` and NAMO-D's ``clamp`` may be traced scalars (one
+  compiled step for a whole sweep).
   """
   sched = lr_schedule(lr, steps, warmup_steps, final_lr_frac)
   adam_sched = lr_schedule(adam_lr, steps, warmup_steps, final_lr_frac)
@@ -204,7 +256,10 @@ def build_optimizer(
     )
   elif name in ("namo", "namo_d"):
     kw = {} if weight_decay is None else {"weight_decay": weight_decay}
-    factory = optax_orth.namo if name == "namo" else optax_orth.namo_d
+    if name == "namo":
+      factory = optax_orth.namo
+    else:
+      factory = functools.partial(optax_orth.namo_d, clamp=clamp)
     tx = factory(
       sched, adam_learning_rate=adam_sched, weight_dimension_numbers=routing, **kw
     )
@@ -219,12 +274,7 @@ def build_optimizer(
   else:
     raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}.")
   if diagnostics_every:
-    tx = diag_lib.with_diagnostics(
-      tx,
-      routing,
-      every=diagnostics_every,
-      learning_rate=sched if name in ("namo", "namo_d") else None,
-    )
+    tx = diag_lib.with_diagnostics(tx, routing, every=diagnostics_every)
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   return tx
@@ -272,6 +322,7 @@ class Steps:
         clip_norm=cfg.clip_norm,
         weight_decay=cfg.weight_decay,
         diagnostics_every=diagnostics_every,
+        clamp=cfg.clamp,
       )
 
     def loss_fn(params, x, y):
@@ -296,6 +347,226 @@ class Steps:
 
   def evaluate(self, params, batches) -> float:
     return float(np.mean([float(self.eval_step(params, x, y)) for x, y in batches]))
+
+
+def load_config_splits(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, int]:
+  """``(train_tokens, val_tokens, vocab_size)`` of ``cfg``'s corpus and split."""
+  return data_lib.load_splits(
+    cfg.data, cfg.tokenizer, cfg.val_from_year, cfg.val_fraction
+  )
+
+
+#: The hyperparameters that one compiled :class:`RunGroup` takes per run.
+HPARAMS = ("lr", "adam_lr", "clamp")
+
+
+class RunGroup:
+  """Several runs of one optimizer trained in lockstep by one compiled call.
+
+  The runs differ in seed (initialisation and batches) and in the
+  hyperparameters of :data:`HPARAMS`, which are arguments of the compiled
+  functions: every run of an optimizer with the same model shape and number of
+  runs shares one compile. The training step is ``jax.vmap``-ed over the runs
+  and ``jax.lax.scan``-ned over ``chunk`` steps, so the host calls (and syncs)
+  once per ``chunk`` steps, not once per step; the losses of the chunk come
+  back as one array.
+
+  Args:
+    graphdef: the model's graph definition (:func:`init_params`).
+    cfg: the shared configuration (its ``optimizer``, shape and schedule;
+      per-run seeds and hyperparameters are given to :meth:`run`).
+    n_runs: number of runs in lockstep.
+    chunk: steps per compiled call.
+  """
+
+  def __init__(self, graphdef, cfg: TrainConfig, n_runs: int, chunk: int):
+    if n_runs < 1 or chunk < 1:
+      raise ValueError(f"n_runs and chunk must be >= 1; got {n_runs}, {chunk}.")
+    self.cfg, self.n_runs, self.chunk = cfg, n_runs, chunk
+    self.graphdef = graphdef
+
+    def make_tx(hp):
+      return build_optimizer(
+        cfg.optimizer,
+        hp[0],
+        hp[1],
+        steps=cfg.steps,
+        warmup_steps=cfg.warmup_steps,
+        final_lr_frac=cfg.final_lr_frac,
+        clip_norm=cfg.clip_norm,
+        weight_decay=cfg.weight_decay,
+        clamp=hp[2],
+      )
+
+    def loss_fn(params, x, y):
+      return model_lib.cross_entropy(nnx.merge(graphdef, params)(x), y)
+
+    def train_chunk(params, opt_state, xs, ys, hp):
+      tx = make_tx(hp)
+
+      def step(carry, batch):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+      (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (xs, ys))
+      return params, opt_state, losses
+
+    def evaluate(params, xs, ys):
+      return jax.lax.map(lambda b: loss_fn(params, *b), (xs, ys)).mean()
+
+    self.make_tx = make_tx
+    self.loss_fn = loss_fn
+    self.train_chunk = jax.jit(jax.vmap(train_chunk), donate_argnums=(0, 1))
+    self._evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+    self._evaluate_compiled: dict[int, Any] = {}
+    self.init_opt_state = jax.jit(jax.vmap(lambda p, hp: make_tx(hp).init(p)))
+    self.compile_seconds = 0.0
+
+  def evaluate(self, params, xs, ys) -> jax.Array:
+    """Mean validation loss of each run over the batches ``xs, ys``."""
+    fn = self._evaluate_compiled.get(xs.shape[0], self._evaluate)
+    return fn(params, xs, ys)
+
+  def _batches(self, train_tok, seeds, start: int, n: int):
+    cfg = self.cfg
+    xs = np.empty((len(seeds), n, cfg.batch_size, cfg.seq_len), np.int32)
+    ys = np.empty_like(xs)
+    for r, seed in enumerate(seeds):
+      for k in range(n):
+        xs[r, k], ys[r, k] = data_lib.sample_batch(
+          train_tok, cfg.batch_size, cfg.seq_len, seed, start + k
+        )
+    return xs, ys
+
+  def compile(self, params, hp, splits) -> float:
+    """Compiles the chunk, the evaluation and the state init; returns seconds."""
+    t0 = time.perf_counter()
+    cfg = self.cfg
+    opt_state = jax.eval_shape(self.init_opt_state, params, hp)
+    xs, ys = self._batches(splits[0], [0] * self.n_runs, 0, self.chunk)
+    self.train_chunk = self.train_chunk.lower(params, opt_state, xs, ys, hp).compile()
+    self.init_opt_state = self.init_opt_state.lower(params, hp).compile()
+    for n in {cfg.eval_batches, cfg.n_final_eval}:
+      vx = jax.ShapeDtypeStruct((n, cfg.batch_size, cfg.seq_len), jnp.int32)
+      self._evaluate_compiled[n] = self._evaluate.lower(params, vx, vx).compile()
+    self.compile_seconds = time.perf_counter() - t0
+    return self.compile_seconds
+
+  def step_flops(self, params, hp, splits) -> float:
+    """XLA's FLOP count of one training step of one run (model and optimizer),
+    from the lowered step (no compile)."""
+    p1 = jax.tree.map(lambda x: x[0], params)
+    hp1 = hp[0]
+
+    def one_step(params, opt_state, x, y):
+      loss, grads = jax.value_and_grad(self.loss_fn)(params, x, y)
+      tx = self.make_tx(hp1)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    st1 = jax.eval_shape(lambda p: self.make_tx(hp1).init(p), p1)
+    x, y = data_lib.sample_batch(splits[0], self.cfg.batch_size, self.cfg.seq_len, 0, 0)
+    cost = jax.jit(one_step).lower(p1, st1, x, y).cost_analysis()
+    if isinstance(cost, list | tuple):
+      cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+  def init(self, mcfg: model_lib.GPTConfig, seeds):
+    """Stacked parameters of ``seeds`` (each as :func:`init_params`)."""
+    trees = [init_params(mcfg, s)[1] for s in seeds]
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *trees)
+
+  def run(
+    self,
+    seeds,
+    hparams,
+    splits,
+    on_chunk: Callable[[int], None] | None = None,
+  ) -> list[dict[str, Any]]:
+    """Trains ``len(seeds)`` runs; returns one record per run.
+
+    Args:
+      seeds: one seed per run (``n_runs`` of them).
+      hparams: one ``(lr, adam_lr, clamp)`` per run.
+      splits: ``(train_tokens, val_tokens, vocab_size)``.
+      on_chunk: called with the number of steps done in each chunk.
+
+    Returns:
+      Per run: ``history`` (one ``{"step", "tokens", "train_loss",
+      "val_loss", "time"}`` per evaluation), ``final_val_loss`` (on
+      ``n_final_eval`` batches after the last step; ``inf`` if the run
+      diverged), ``diverged`` and ``wall_time`` (the group's seconds, shared
+      by its runs: they train together).
+    """
+    cfg = self.cfg
+    if len(seeds) != self.n_runs or len(hparams) != self.n_runs:
+      raise ValueError(f"expected {self.n_runs} seeds and hyperparameter rows.")
+    train_tok, val_tok, vocab = splits
+    mcfg = model_config(cfg, vocab)
+    hp = jnp.asarray(np.asarray(hparams, np.float32))
+    params = self.init(mcfg, seeds)
+    opt_state = self.init_opt_state(params, hp)
+
+    def val_set(n):
+      b = data_lib.eval_batches(val_tok, n, cfg.batch_size, cfg.seq_len)
+      return np.stack([x for x, _ in b]), np.stack([y for _, y in b])
+
+    vx, vy = val_set(cfg.eval_batches)
+    histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
+    t0 = time.perf_counter()
+    done = 0
+    losses = []
+    next_eval = cfg.eval_every
+    while done < cfg.steps:
+      n = min(self.chunk, cfg.steps - done)
+      if n != self.chunk:
+        raise ValueError(
+          f"steps={cfg.steps} is not a multiple of the chunk ({self.chunk})."
+        )
+      xs, ys = self._batches(train_tok, seeds, done, n)
+      params, opt_state, chunk_losses = self.train_chunk(params, opt_state, xs, ys, hp)
+      losses.append(chunk_losses)
+      done += n
+      if done >= next_eval or done == cfg.steps:
+        next_eval += cfg.eval_every
+        val = np.asarray(self.evaluate(params, vx, vy))  # the one sync
+        train = np.asarray(chunk_losses[:, -1])
+        elapsed = time.perf_counter() - t0
+        for r in range(self.n_runs):
+          histories[r].append(
+            {
+              "step": done,
+              "tokens": done * cfg.tokens_per_step,
+              "train_loss": float(train[r]),
+              "val_loss": float(val[r]),
+              "time": elapsed,
+            }
+          )
+      if on_chunk is not None:
+        on_chunk(n)
+    if cfg.n_final_eval == cfg.eval_batches:
+      final = np.array([h[-1]["val_loss"] for h in histories])
+    else:
+      final = np.asarray(self.evaluate(params, *val_set(cfg.n_final_eval)))
+    wall = time.perf_counter() - t0
+    all_losses = np.concatenate([np.asarray(x) for x in losses], axis=1)
+    out = []
+    for r in range(self.n_runs):
+      diverged = not (np.all(np.isfinite(all_losses[r])) and np.isfinite(final[r]))
+      out.append(
+        {
+          "seed": int(seeds[r]),
+          **{k: float(v) for k, v in zip(HPARAMS, hparams[r], strict=True)},
+          "final_val_loss": float("inf") if diverged else float(final[r]),
+          "diverged": bool(diverged),
+          "history": histories[r],
+          "wall_time": wall,
+          "tokens": cfg.steps * cfg.tokens_per_step,
+        }
+      )
+    return out
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -350,9 +621,7 @@ def train(
     ``diagnostics`` one ``{"step": s, metric: {layer: value}}`` per logged
     step of this call (empty when off).
   """
-  train_tok, val_tok, vocab = splits or data_lib.load_splits(
-    cfg.data, cfg.tokenizer, cfg.val_from_year
-  )
+  train_tok, val_tok, vocab = splits or load_config_splits(cfg)
   mcfg = model_config(cfg, vocab)
   graphdef, params = init_params(mcfg, cfg.seed)
   fns = steps_fns or Steps(graphdef, cfg, diagnostics_every)
@@ -559,13 +828,24 @@ def _save_args(state):
 
 def add_config_args(parser: argparse.ArgumentParser, presets=PRESETS) -> None:
   """Command-line flags for every :class:`TrainConfig` field, plus --preset."""
-  parser.add_argument("--preset", choices=sorted(presets), default="cpu")
+  parser.add_argument(
+    "--preset",
+    choices=sorted(presets),
+    default="cpu",
+    help="model shape and run length (the flags below override it)",
+  )
   for f in dataclasses.fields(TrainConfig):
     flag = "--" + f.name.replace("_", "-")
-    kind = {"lr": float, "weight_decay": float, "data": str}.get(
+    kind = {"lr": float, "weight_decay": float, "data": str, "val_from_year": int}.get(
       f.name, type(f.default)
     )
-    parser.add_argument(flag, dest=f.name, type=kind, default=None)
+    parser.add_argument(
+      flag,
+      dest=f.name,
+      type=kind,
+      default=None,
+      help=FIELD_HELP[f.name] + " (default: the preset's)",
+    )
 
 
 def config_from_args(
@@ -583,14 +863,29 @@ def config_from_args(
   )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+  """train.py's command line (every flag has a description)."""
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], allow_abbrev=False
+  )
   add_config_args(parser)
   parser.add_argument("--out", default=None, help="output folder (log, checkpoints)")
   parser.add_argument("--resume", action="store_true", help="resume from --out/ckpt")
-  parser.add_argument("--ckpt-every", type=int, default=None)
-  parser.add_argument("--stop-at", type=int, default=None, help="stop early at step")
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument(
+    "--ckpt-every",
+    type=int,
+    default=None,
+    help="checkpoint every this many steps (default: eval_every)",
+  )
+  parser.add_argument(
+    "--stop-at",
+    type=int,
+    default=None,
+    help="stop after this step (the schedule still spans --steps)",
+  )
+  parser.add_argument(
+    "--no-progress", action="store_true", help="plain lines instead of a progress bar"
+  )
   parser.add_argument(
     "--diagnostics",
     type=int,
@@ -599,11 +894,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     help="log optax_orth.diagnostics every EVERY steps to <out>/diagnostics.jsonl "
     "and draw <out>/diagnostics.png (default 0: off)",
   )
+  return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = build_parser()
   args = parser.parse_args(argv)
   if args.diagnostics < 0:
     parser.error(f"--diagnostics must be >= 0; got {args.diagnostics}.")
   cfg = config_from_args(args)
-  splits = data_lib.load_splits(cfg.data, cfg.tokenizer, cfg.val_from_year)
+  splits = load_config_splits(cfg)
   mcfg = model_config(cfg, splits[2])
   _, params = init_params(mcfg, cfg.seed)
   print(
