@@ -1,12 +1,15 @@
 """Optimizers: short compositions of the public blocks.
 
-Each alias is an ``optax.partition`` of an orthogonal branch (a chain of
-blocks from :mod:`optax_orth.transforms`) for the matrices and an AdamW
-fallback for everything else (embeddings, head, biases, norm scales).
+Each alias is an ``optax.partition`` of an orthogonal branch (blocks from
+:mod:`optax_orth.transforms`) for the matrices and an AdamW fallback for
+everything else (embeddings, head, biases, norm scales).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -14,26 +17,62 @@ import numpy as np
 import optax
 
 from optax_orth import orthogonalizers as orth_lib
-from optax_orth import transforms
-from optax_orth.routing import DimensionNumbersSpec, label_tree, route_by_path
+from optax_orth import routing, transforms, validation
+from optax_orth.routing import DimensionNumbersSpec
 from optax_orth.sharding import OwnerSharding
+
+#: The names of the two branches of every optimizer's ``optax.partition``.
+ORTHOGONAL, ADAM = "orthogonal", "adam"
+
+
+def _parameter_shapes(state: optax.PartitionState) -> Any:
+  """The parameters' tree, rebuilt from the two branches' first moments.
+
+  The orthogonal branch keeps its momentum in an
+  :class:`~optax_orth.OrthogonalizeMomentumState`, the AdamW fallback in an
+  ``optax.ScaleByAdamState``; each holds its branch's leaves and
+  ``optax.MaskedNode`` elsewhere. Found by type.
+  """
+  if not isinstance(state, optax.PartitionState):
+    raise ValueError(
+      "update: expected the state that this optimizer's init returned (an "
+      f"optax.PartitionState); got {type(state).__name__}."
+    )
+  moments = []
+  for label, cls in (
+    (ORTHOGONAL, transforms.OrthogonalizeMomentumState),
+    (ADAM, optax.ScaleByAdamState),
+  ):
+    found = transforms.find_states(state.inner_states.get(label), cls)
+    if len(found) != 1:
+      raise ValueError(
+        f"update: the {label!r} branch of the state should hold one "
+        f"{cls.__name__}; found {len(found)}. Pass the state that this "
+        "optimizer's init returned."
+      )
+    moments.append(found[0].mu)
+  leaves, treedef = jax.tree.flatten(moments[0], is_leaf=validation.is_masked)
+  others = jax.tree.leaves(moments[1], is_leaf=validation.is_masked)
+  if len(others) != len(leaves):
+    raise ValueError("update: the two branches of the state disagree on the tree.")
+  masked = validation.is_masked
+  leaves = [b if masked(a) else a for a, b in zip(leaves, others, strict=True)]
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _partition(
   orthogonal: optax.GradientTransformation,
   adam: optax.GradientTransformation,
   spec: DimensionNumbersSpec,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   tx = optax.partition(
-    {"orthogonal": orthogonal, "adam": adam},
-    lambda params: label_tree(params, spec),
+    {ORTHOGONAL: orthogonal, ADAM: adam},
+    lambda params: routing.label_tree(params, spec, ORTHOGONAL, ADAM),
   )
 
   def update_fn(updates, state, params=None, **extra_args):
     # Name the offending leaf before optax.partition fails on a bare tree error.
-    reference = _parameter_shapes(state)
-    if reference is not None:
-      transforms._check_matches_state(updates, reference, "update")
+    validation.check_matches_state(updates, _parameter_shapes(state), "update")
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -49,33 +88,28 @@ def _adam_fallback(
   return optax.adamw(learning_rate=lr, **adamw_kwargs)
 
 
-def _parameter_shapes(state: optax.PartitionState) -> Any:
-  """The parameters' tree, rebuilt from the two branches' first moments.
+def _optax_ns_steps(ns_coeffs, ns_steps: int) -> int | None:
+  """``ns_steps`` as ``optax.contrib.muon`` reads it with ``ns_coeffs``.
 
-  Each branch's first moment (``orthogonalize_momentum``'s and AdamW's ``mu``)
-  holds the leaves of its branch and ``optax.MaskedNode`` elsewhere. Returns
-  ``None`` if either is not found.
+  One row repeats for ``ns_steps`` steps; ``n`` rows (a multi-row preset such
+  as ``"dion"``, or an ``(n, 3)`` array) run once each, and ``n > ns_steps`` is
+  an error, as in optax.
   """
-  if not isinstance(state, optax.PartitionState):
+  validation.check_positive_int("ns_steps", ns_steps)
+  if isinstance(ns_coeffs, str):
+    preset = orth_lib.PRESETS.get(ns_coeffs)
+    rows = 1 if preset is None else len(preset.coeffs)
+  else:
+    rows = np.shape(ns_coeffs)[0] if np.ndim(ns_coeffs) == 2 else 1
+  if rows == 1:
+    return ns_steps
+  if rows > ns_steps:
     raise ValueError(
-      "update: expected the state that this optimizer's init returned (an "
-      f"optax.PartitionState); got {type(state).__name__}."
+      f"ns_coeffs={ns_coeffs!r} has {rows} rows, more than ns_steps={ns_steps}."
+      if isinstance(ns_coeffs, str)
+      else f"ns_coeffs has {rows} rows, more than ns_steps={ns_steps}."
     )
-  has_mu = lambda x: isinstance(x, tuple) and hasattr(x, "mu")
-  moments = []
-  for inner in state.inner_states.values():
-    found = [x for x in jax.tree.leaves(inner, is_leaf=has_mu) if has_mu(x)]
-    if not found:
-      return None
-    moments.append(found[0].mu)
-  masked = transforms._is_masked
-  leaves, treedef = jax.tree.flatten(moments[0], is_leaf=masked)
-  for other in moments[1:]:
-    other_leaves = jax.tree.leaves(other, is_leaf=masked)
-    if len(other_leaves) != len(leaves):
-      return None
-    leaves = [y if masked(x) else x for x, y in zip(leaves, other_leaves, strict=True)]
-  return jax.tree.unflatten(treedef, leaves)
+  return None
 
 
 def muon(
@@ -101,7 +135,7 @@ def muon(
   ns_dtype: jax.typing.DTypeLike | None = None,
   orthogonalizer: orth_lib.Orthogonalizer | None = None,
   sharding: OwnerSharding | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Muon: momentum orthogonalized by Newton–Schulz; a drop-in for optax's.
 
   Takes the arguments of ``optax.contrib.muon`` and, with the same arguments,
@@ -140,9 +174,12 @@ def muon(
     adam_eps_root: Adam's ``eps_root``.
     adam_weight_decay: Adam's weight decay.
     adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
-    muon_weight_dimension_numbers: a dimension-numbers spec; ``None``: every
-      2-D leaf is a matrix (embeddings included, as in optax). See
-      :func:`optax_orth.route_by_path` to send embeddings and the head to Adam.
+    muon_weight_dimension_numbers: a dimension-numbers spec; ``None``:
+      optax's rule for parity, :func:`optax_orth.routing.optax_rule` (every
+      2-D leaf is a matrix, embeddings included). This is the one place in
+      the package where ``None`` is not the default routing; pass
+      :func:`optax_orth.route_by_path` ``()`` to send embeddings and the head
+      to Adam.
     consistent_rms: ``None`` for width scaling, or the target RMS.
     ns_dtype: Newton–Schulz compute dtype (``None``: the momentum's).
     orthogonalizer: replaces Newton–Schulz, see
@@ -160,20 +197,12 @@ def muon(
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
-  steps: int | None = ns_steps
-  if not isinstance(ns_coeffs, str) and np.ndim(ns_coeffs) == 2:
-    if np.shape(ns_coeffs)[0] > ns_steps:
-      raise ValueError(
-        f"ns_coeffs has {np.shape(ns_coeffs)[0]} rows, more than ns_steps={ns_steps}."
-      )
-    steps = None  # As optax: every row runs once.
-  elif (
-    isinstance(ns_coeffs, str)
-    and ns_coeffs in orth_lib.PRESETS
-    and len(orth_lib.PRESETS[ns_coeffs].coeffs) > 1
-  ):
-    steps = None
-  spec = muon_weight_dimension_numbers
+  validation.check_hyperparameters(locals())
+  spec = (
+    routing.optax_rule
+    if muon_weight_dimension_numbers is None
+    else (muon_weight_dimension_numbers)
+  )
   orthogonal = optax.chain(
     transforms.orthogonalize_momentum(
       beta,
@@ -181,7 +210,7 @@ def muon(
       bias_correction=True,
       mu_dtype=mu_dtype,
       ns_coeffs=ns_coeffs,
-      ns_steps=steps,
+      ns_steps=_optax_ns_steps(ns_coeffs, ns_steps),
       eps=eps,
       ns_dtype=ns_dtype,
       preconditioning=preconditioning,
@@ -208,79 +237,6 @@ def muon(
   return _partition(orthogonal, adam, spec)
 
 
-_DEFAULT_ROUTING = route_by_path()
-
-
-def _routing(spec: DimensionNumbersSpec) -> DimensionNumbersSpec:
-  return _DEFAULT_ROUTING if spec is None else spec
-
-
-def _namo_family(
-  learning_rate,
-  granularity,
-  clamp,
-  *,
-  b1,
-  b2,
-  eps,
-  weight_decay,
-  weight_decay_mode,
-  nesterov,
-  scale_coeff,
-  ns_coeffs,
-  ns_steps,
-  ns_eps,
-  ns_dtype,
-  mu_dtype,
-  weight_dimension_numbers,
-  adam_learning_rate,
-  adam_b1,
-  adam_b2,
-  adam_eps,
-  adam_weight_decay,
-  sharding=None,
-):
-  transforms._check_unit_interval("b1", b1)
-  spec = _routing(weight_dimension_numbers)
-  blocks = [
-    transforms.orthogonalize_momentum(
-      b1,
-      nesterov=nesterov,
-      mu_dtype=mu_dtype,
-      ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps,
-      eps=ns_eps,
-      ns_dtype=ns_dtype,
-      statistics=True,
-      weight_dimension_numbers=spec,
-      sharding=sharding,
-    ),
-    transforms.scale_by_norm_adaptive(
-      b1, b2, eps, granularity=granularity, weight_dimension_numbers=spec
-    ),
-  ]
-  if clamp is not None:
-    blocks.append(transforms.clamp_diagonal(clamp))
-  blocks.append(
-    transforms.scale_by_capped_step(
-      learning_rate,
-      scale_coeff=scale_coeff,
-      weight_decay=weight_decay,
-      weight_decay_mode=weight_decay_mode,
-      weight_dimension_numbers=spec,
-    )
-  )
-  adam = _adam_fallback(
-    learning_rate,
-    adam_learning_rate,
-    b1=adam_b1,
-    b2=adam_b2,
-    eps=adam_eps,
-    weight_decay=adam_weight_decay,
-  )
-  return _partition(optax.chain(*blocks), adam, spec)
-
-
 def namo(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   *,
@@ -289,6 +245,8 @@ def namo(
   eps: float = 1e-8,
   weight_decay: float = 0.1,
   weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+  granularity: Literal["matrix", "input_feature"] = "matrix",
+  clamp: float | None = None,
   nesterov: bool = True,
   scale_coeff: float = 0.2,
   ns_coeffs: orth_lib.CoeffsLike = "standard",
@@ -303,7 +261,7 @@ def namo(
   adam_eps: float = 1e-8,
   adam_weight_decay: float = 0.0,
   sharding: OwnerSharding | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""NAMO: orthogonalized momentum with one adaptive step size per matrix.
 
   For each matrix ``K`` (``G`` its gradient, ``O = NS(Mt)``):
@@ -319,10 +277,14 @@ def namo(
 
   Composition::
 
-    partition(orthogonal=chain(orthogonalize_momentum(statistics=True),
-                               scale_by_norm_adaptive("matrix"),
-                               scale_by_capped_step),
+    partition(orthogonal=scale_by_norm_adaptive(
+                  orthogonalize_momentum(b1, statistics=True), lr, b1, b2, eps,
+                  granularity=granularity,
+                  step_size_transform=clamp_diagonal(clamp)),  # if clamp
               adam=adamw)
+
+  :func:`namo_d` is this function with ``granularity="input_feature"`` and
+  ``clamp=0.75``.
 
   Defaults are those of the authors' released code. ``weight_decay_mode=
   "decoupled"`` replaces the decay by the standard ``lr * lambda``.
@@ -334,6 +296,11 @@ def namo(
     eps: added to ``sqrt(v)``.
     weight_decay: ``lambda``.
     weight_decay_mode: ``"adaptive"`` (reference) or ``"decoupled"``.
+    granularity: one step size per matrix (``"matrix"``, NAMO) or per input
+      feature (``"input_feature"``, NAMO-D).
+    clamp: ``None`` (no clamp), or NAMO-D's clamp ``c`` of the step sizes
+      toward their mean (:func:`optax_orth.clamp_diagonal`; ``0`` or ``> 1``
+      disables it).
     nesterov: Nesterov momentum.
     scale_coeff: the shape coefficient of ``s``.
     ns_coeffs: Newton–Schulz coefficients (preset name or rows).
@@ -342,8 +309,9 @@ def namo(
     ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
     mu_dtype: momentum dtype.
     weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
-      means ``optax_orth.route_by_path()``: embeddings, the head, biases, norm
-      scales and vectors go to Adam, every other 2-D leaf to NAMO.
+      is the default routing, ``optax_orth.route_by_path()``: embeddings, the
+      head, biases, norm scales and vectors go to Adam, every other 2-D leaf
+      to NAMO.
     adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
     adam_b1: Adam's ``b1``.
     adam_b2: Adam's ``b2``.
@@ -361,42 +329,73 @@ def namo(
     with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
   """
-  return _namo_family(
-      learning_rate, "matrix", None, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-      nesterov=nesterov, scale_coeff=scale_coeff, ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
-      weight_dimension_numbers=weight_dimension_numbers,
-      adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-      sharding=sharding,
-  )  # fmt: skip
+  validation.check_hyperparameters(locals())
+  spec = weight_dimension_numbers
+  direction = transforms.orthogonalize_momentum(
+    b1,
+    nesterov=nesterov,
+    mu_dtype=mu_dtype,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    eps=ns_eps,
+    ns_dtype=ns_dtype,
+    statistics=True,
+    weight_dimension_numbers=spec,
+    sharding=sharding,
+  )
+  orthogonal = transforms.scale_by_norm_adaptive(
+    direction,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    granularity=granularity,
+    step_size_transform=None if clamp is None else transforms.clamp_diagonal(clamp),
+    scale_coeff=scale_coeff,
+    weight_decay=weight_decay,
+    weight_decay_mode=weight_decay_mode,
+    weight_dimension_numbers=spec,
+  )
+  adam = _adam_fallback(
+    learning_rate,
+    adam_learning_rate,
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=adam_eps,
+    weight_decay=adam_weight_decay,
+  )
+  return _partition(orthogonal, adam, spec)
 
 
-def namo_d(
-  learning_rate: optax.ScalarOrSchedule = 1e-2,
-  *,
-  b1: float = 0.95,
-  b2: float = 0.99,
-  eps: float = 1e-8,
-  weight_decay: float = 0.1,
-  weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
-  nesterov: bool = True,
-  scale_coeff: float = 0.2,
-  clamp: float = 0.75,
-  ns_coeffs: orth_lib.CoeffsLike = "standard",
-  ns_steps: int | None = None,
-  ns_eps: float = 1e-7,
-  ns_dtype: jax.typing.DTypeLike | None = None,
-  mu_dtype: jax.typing.DTypeLike | None = None,
-  weight_dimension_numbers: DimensionNumbersSpec = None,
-  adam_learning_rate: optax.ScalarOrSchedule | None = None,
-  adam_b1: float = 0.9,
-  adam_b2: float = 0.95,
-  adam_eps: float = 1e-8,
-  adam_weight_decay: float = 0.0,
-  sharding: OwnerSharding | None = None,
-) -> optax.GradientTransformation:
+def _preset(base: Callable, name: str, doc: str, **defaults) -> Callable:
+  """``base`` with other defaults, under its own name, docstring and signature."""
+  sig = inspect.signature(base)
+  for key in defaults:
+    if key not in sig.parameters:
+      raise TypeError(f"{base.__name__} has no argument {key!r}.")
+  sig = sig.replace(
+    parameters=[
+      p.replace(default=defaults[p.name]) if p.name in defaults else p
+      for p in sig.parameters.values()
+    ]
+  )
+
+  @functools.wraps(base)
+  def preset(*args, **kwargs):
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return base(*bound.args, **bound.kwargs)
+
+  preset.__name__ = preset.__qualname__ = name
+  preset.__doc__ = doc
+  preset.__signature__ = sig  # type: ignore[attr-defined]
+  del preset.__wrapped__  # so that inspect reports the new defaults
+  return preset
+
+
+namo_d = _preset(
+  namo,
+  "namo_d",
   r"""NAMO-D: NAMO with a clamped diagonal step size per input feature.
 
   As :func:`namo`, with the second moment and step size per input feature
@@ -409,39 +408,19 @@ def namo_d(
     \quad d_i \leftarrow \mathrm{clip}(d_i, c\,\bar d, \bar d / c),
 
   then ``K[i, :]`` is updated as in NAMO with ``alpha_i = lr * d_i``; that is
-  ``O diag(d)`` in PyTorch's layout. Composition::
+  ``O diag(d)`` in PyTorch's layout. It is :func:`namo` with
+  ``granularity="input_feature"`` and ``clamp=0.75``: the same arguments,
+  the same composition::
 
-    partition(orthogonal=chain(orthogonalize_momentum(statistics=True),
-                               scale_by_norm_adaptive("input_feature"),
-                               clamp_diagonal(clamp),
-                               scale_by_capped_step),
+    partition(orthogonal=scale_by_norm_adaptive(
+                  orthogonalize_momentum(b1, statistics=True), lr, b1, b2, eps,
+                  granularity="input_feature",
+                  step_size_transform=clamp_diagonal(clamp)),
               adam=adamw)
 
   Args:
-    learning_rate: a float or an optax schedule (reference ``1e-2``).
-    b1: momentum decay.
-    b2: decay of the squared-norm EMAs.
-    eps: added to ``sqrt(V_i)``.
-    weight_decay: ``lambda``.
-    weight_decay_mode: ``"adaptive"`` (reference) or ``"decoupled"``.
-    nesterov: Nesterov momentum.
-    scale_coeff: the shape coefficient.
-    clamp: ``c``; ``0`` or ``> 1`` disables the clamp (reference ``0.75``).
-    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
-    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
-    ns_eps: Newton–Schulz normalization epsilon.
-    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
-    mu_dtype: momentum dtype.
-    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
-      means ``optax_orth.route_by_path()``.
-    adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
-    adam_b1: Adam's ``b1``.
-    adam_b2: Adam's ``b2``.
-    adam_eps: Adam's ``eps``.
-    adam_weight_decay: Adam's weight decay.
-    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
-      each matrix whole on one device of a mesh (the owner scheme, see
-      :mod:`optax_orth.sharding`); a no-op without a mesh.
+    See :func:`namo`; only the defaults of ``granularity``
+    (``"input_feature"``) and ``clamp`` (``0.75``, the reference's) differ.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -450,17 +429,10 @@ def namo_d(
     Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
     with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
-  """
-  return _namo_family(
-      learning_rate, "input_feature", clamp, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-      nesterov=nesterov, scale_coeff=scale_coeff, ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
-      weight_dimension_numbers=weight_dimension_numbers,
-      adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-      sharding=sharding,
-  )  # fmt: skip
+  """,
+  granularity="input_feature",
+  clamp=0.75,
+)
 
 
 def normuon(
@@ -484,7 +456,7 @@ def normuon(
   adam_eps: float = 1e-10,
   adam_weight_decay: float = 0.0,
   sharding: OwnerSharding | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""NorMuon: Muon followed by per-neuron second-moment normalization.
 
   For each matrix (a neuron is a column ``j`` of the Flax kernel):
@@ -521,7 +493,7 @@ def normuon(
     ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
     mu_dtype: momentum dtype.
     weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
-      means ``optax_orth.route_by_path()``.
+      is the default routing, ``optax_orth.route_by_path()``.
     adam_learning_rate: Adam's learning rate (reference ``3e-4``; ``None``:
       ``learning_rate``).
     adam_b1: Adam's ``b1``.
@@ -539,8 +511,8 @@ def normuon(
     Li et al., `NorMuon: Making Muon more efficient and scalable
     <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
-  transforms._check_unit_interval("b1", b1)
-  spec = _routing(weight_dimension_numbers)
+  validation.check_hyperparameters(locals())
+  spec = weight_dimension_numbers
   blocks = [
     transforms.orthogonalize_momentum(
       b1,

@@ -20,13 +20,17 @@ fan_out)``), see :func:`update_metrics`:
 Metrics read from the optimizer state, see :func:`state_metrics`:
 
 * NAMO / NAMO-D (:class:`~optax_orth.ScaleByNormAdaptiveState`): the step size
-  ``d`` without the learning rate (``step_size``), NAMO's ``alpha = lr * d``
-  (``alpha``), and for NAMO-D the spread of the raw ``d_i``
+  ``d`` that the optimizer applied, without the learning rate (``step_size``),
+  NAMO's ``alpha = lr * d`` (``alpha``), and for NAMO-D the spread of the raw
+  ``d_i``
   (``step_size_max_min``, ``step_size_cv``) and the fraction of the ``d_i``
   that the clamp moved (``clamped_fraction``).
 * NorMuon (:class:`~optax_orth.ScaleByNeuronRmsState`): the spread of the
   per-neuron RMS ``sqrt(nu_j)`` that NorMuon divides by
   (``neuron_rms_max_min``, ``neuron_rms_cv``).
+
+Both are read from the state of the block that applies them, never
+recomputed, so they are exactly what the optimizer applied.
 
 Collecting them costs no extra forward or backward pass: :func:`with_diagnostics`
 wraps any optimizer and stores the metrics of each step in its state
@@ -52,21 +56,15 @@ import optax
 from optax.transforms import MaskedNode
 
 from optax_orth.routing import (
-  DEFAULT_DIMENSION_NUMBERS,
   DimensionNumbersSpec,
   leaf_dimension_numbers,
   matrix_layout,
   path_str,
 )
 from optax_orth.transforms import (
-  MatrixUpdate,
-  OrthogonalizeMomentumState,
   ScaleByNeuronRmsState,
   ScaleByNormAdaptiveState,
-  _clamp_toward_mean,
-  _norm_adaptive_correction,
-  _norm_adaptive_step,
-  _row_sq_norms,
+  find_states,
 )
 
 Metrics = dict[str, Any]
@@ -275,29 +273,12 @@ def _matrix_metrics(x: jax.Array, iterations: int | None) -> dict[str, jax.Array
 
 
 def _plain(tree):
-  """Arrays only: records become their direction, masked leaves ``None``."""
+  """Arrays only: masked leaves (the other branch of a partition) become ``None``."""
   return jax.tree.map(
-    lambda x: None if isinstance(x, MaskedNode) else _array(x),
+    lambda x: None if isinstance(x, MaskedNode) else x,
     tree,
-    is_leaf=lambda x: isinstance(x, MatrixUpdate | MaskedNode),
+    is_leaf=lambda x: isinstance(x, MaskedNode),
   )
-
-
-def _array(x):
-  return x.direction if isinstance(x, MatrixUpdate) else x
-
-
-def _matrix_dims(spec: DimensionNumbersSpec, tree):
-  """Per leaf: its dimension numbers, or ``None`` if it is not a matrix.
-
-  ``spec=None`` selects every 2-D leaf (as :func:`optax_orth.label_tree`).
-  """
-  if spec is None:
-    return [
-      DEFAULT_DIMENSION_NUMBERS if jnp.ndim(x) == 2 else None
-      for x in jax.tree.leaves(tree)
-    ]
-  return leaf_dimension_numbers(spec, tree)
 
 
 def update_metrics(
@@ -310,13 +291,11 @@ def update_metrics(
 
   Args:
     updates: a tree of arrays (the output of an optimizer, or of a block
-      inside one; the ``direction`` of :class:`~optax_orth.MatrixUpdate`
-      records is used).
+      inside one).
     weight_dimension_numbers: a dimension-numbers spec (see
-      :mod:`optax_orth.routing`); ``None``: every 2-D leaf is a
-      ``(fan_in, fan_out)`` matrix and other leaves are skipped. Leaves that a
-      spec maps to ``None`` are skipped. Pass the optimizer's spec to see
-      stacked leaves per matrix.
+      :mod:`optax_orth.routing`; ``None``: the default routing). Leaves that
+      it maps to ``None`` (the Adam fallback's) are skipped. Pass the
+      optimizer's spec to see its stacked leaves per matrix.
     spectral_norm_iterations: power iterations for ``update_spectral_norm``
       (see :func:`spectral_norm`); ``None``: exact, with ``eigvalsh``, which
       is slow on CPU (about 1 s for a 256 x 256 matrix).
@@ -330,7 +309,7 @@ def update_metrics(
   """
   arrays = _plain(updates)
   flat, treedef = jax.tree_util.tree_flatten_with_path(arrays)
-  dims = _matrix_dims(weight_dimension_numbers, arrays)
+  dims = leaf_dimension_numbers(weight_dimension_numbers, arrays)
   per_leaf = []
   for (path, x), dn in zip(flat, dims, strict=True):
     if dn is None:
@@ -347,11 +326,6 @@ def update_metrics(
   }
 
 
-def _find_states(tree, cls) -> list:
-  is_cls = lambda x: isinstance(x, cls)
-  return [x for x in jax.tree.leaves(tree, is_leaf=is_cls) if is_cls(x)]
-
-
 def _by_path(tree) -> dict[str, Any]:
   """``{path: leaf}`` of the present (non-masked) leaves of a state tree."""
   flat = jax.tree_util.tree_flatten_with_path(
@@ -362,174 +336,70 @@ def _by_path(tree) -> dict[str, Any]:
   }
 
 
-def _merge(states, field: str) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for s in states:
-    for k, v in _by_path(getattr(s, field)).items():
-      out.setdefault(k, v)
-  return out
+def state_metrics(like: Any, state: optax.OptState) -> Metrics:
+  r"""The :data:`STATE_METRICS`: the step sizes an optimizer applied, from its state.
 
+  Nothing is recomputed and no hyperparameter is needed: the blocks that
+  apply a step size keep it in their state, found here by type anywhere in
+  ``state`` (inside ``optax.partition``, ``optax.chain``, wrappers).
 
-def state_metrics(
-  grads: optax.Updates,
-  state: optax.OptState,
-  weight_dimension_numbers: DimensionNumbersSpec = None,
-  *,
-  learning_rate: optax.ScalarOrSchedule | None = None,
-  b1: float = 0.95,
-  b2: float = 0.99,
-  eps: float = 1e-8,
-  nesterov: bool = True,
-  clamp: float | None = 0.75,
-) -> Metrics:
-  r"""The :data:`STATE_METRICS`, from the gradients and the *updated* state.
+  NAMO and NAMO-D (:class:`~optax_orth.ScaleByNormAdaptiveState`), per
+  matrix, with ``d`` the step size applied at the last step (after the
+  clamp) and ``d_raw`` the one before it:
 
-  NAMO and NAMO-D (a :class:`~optax_orth.ScaleByNormAdaptiveState` in
-  ``state``; the keyword arguments must be the optimizer's, the defaults are
-  those of :func:`optax_orth.namo_d`). The direction ``Mt`` is rebuilt from the
-  stored momentum ``M_t`` (:class:`~optax_orth.OrthogonalizeMomentumState`)
-  and the gradient: ``Mt = b1 M_t + (1 - b1) G`` with Nesterov, else ``M_t``.
-  With ``t`` the state's step count and ``v`` its second moment:
-
-  .. math::
-    d = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t + 10^{-12}}
-        \frac{\|\tilde M\|}{\sqrt v + \epsilon}
-
-  per matrix (NAMO; norms over the matrix) or per input feature ``i`` (NAMO-D;
-  norms of the rows ``i``). Recorded per matrix:
-
-  * ``step_size``: ``d`` (NAMO), or ``mean_i`` of the clamped ``d_i``
-    (NAMO-D), as the optimizer applies it;
+  * ``step_size``: ``d`` (NAMO), or ``mean_i d_i`` over the input features
+    (NAMO-D);
   * ``alpha``: ``lr * step_size``, NAMO's effective step size, with ``lr``
-    the learning rate of this step (a schedule is evaluated at ``t - 1``, as
-    :func:`~optax_orth.scale_by_capped_step` does); only when
-    ``learning_rate`` is given. The applied step is ``min(alpha s, 1) O``.
-  * NAMO-D only: ``step_size_max_min`` and ``step_size_cv`` of the raw
-    (unclamped) ``d_i`` over the input features, and ``clamped_fraction``,
-    the fraction of ``i`` with ``d_i`` outside ``[c m, m / c]`` (``m =
-    mean_i d_i``), which the clamp moved (``0`` when the clamp is off).
+    the learning rate of that step. The applied step is ``min(alpha s, 1) O``.
+  * one step size per input feature only: ``step_size_max_min`` and
+    ``step_size_cv`` of ``d_raw`` over the input features, and
+    ``clamped_fraction``, the fraction of the ``i`` where the clamp changed
+    ``d_i``.
 
-  NorMuon (a :class:`~optax_orth.ScaleByNeuronRmsState`): with
+  NorMuon (:class:`~optax_orth.ScaleByNeuronRmsState`): with
   ``rho_j = sqrt(nu_j)`` the per-neuron RMS that NorMuon divides neuron ``j``
   by, ``neuron_rms_max_min = max_j rho_j / min_j rho_j`` and
   ``neuron_rms_cv = std_j rho_j / mean_j rho_j``.
 
-  With a lower-precision ``mu_dtype`` the rebuilt ``Mt`` uses the stored
-  (rounded) momentum, so ``d`` matches the optimizer's to that precision.
-  ``grads`` must be what the NAMO blocks received: wrap the optimizer itself,
-  not a chain that transforms the gradients first (gradient clipping goes
-  outside :func:`with_diagnostics`).
-
   Args:
-    grads: the gradients given to the optimizer at this step.
-    state: the optimizer state *after* this step, any nesting (searched for
-      the state types above, as in ``optax.partition`` / ``optax.chain``).
-    weight_dimension_numbers: the optimizer's dimension-numbers spec (needed
-      for leaves of rank > 2; ``None`` reads every matrix leaf as 2-D).
-    learning_rate: the optimizer's learning rate (float or schedule), for
-      ``alpha``.
-    b1: the optimizer's momentum decay (NAMO ``b1``).
-    b2: the optimizer's second-moment decay (NAMO ``b2``).
-    eps: the optimizer's ``eps``.
-    nesterov: whether the optimizer uses Nesterov momentum.
-    clamp: NAMO-D's clamp ``c`` (``None``, ``0`` or ``> 1``: no clamp).
+    like: a tree with the structure of the parameters (the gradients or the
+      parameters), which the metrics take.
+    state: the optimizer state *after* the step, any nesting.
 
   Returns:
     ``{name: tree}`` for the metrics that apply to ``state`` (others are
-    absent), each tree with the structure of ``grads`` and a float32 array of
+    absent), each tree with the structure of ``like`` and a float32 array of
     shape ``(batch,)`` per matrix leaf (``None`` elsewhere).
-
-  Raises:
-    ValueError: naming the leaf, when the state does not fit the gradients or
-      the dimension numbers.
   """
-  grads = _plain(grads)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(grads)
-  names = [path_str(p) for p, _ in flat]
-  if weight_dimension_numbers is None:
-    dims = [DEFAULT_DIMENSION_NUMBERS] * len(flat)  # read matrix leaves as 2-D
-  else:
-    dims = leaf_dimension_numbers(weight_dimension_numbers, grads)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(_plain(like))
+  index = {path_str(p): i for i, (p, _) in enumerate(flat)}
   out: dict[str, list] = {}
 
-  def put(metric, index, value):
-    out.setdefault(metric, [None] * len(flat))[index] = value.astype(jnp.float32)
-
-  def layout(i, where):
-    if dims[i] is None:
+  def put(metric, name, value):
+    if name not in index:
       raise ValueError(
-        f"leaf {names[i]!r}: the optimizer state has {where} for it, but "
-        "weight_dimension_numbers maps it to None (not a matrix)."
+        f"state_metrics: the state has a leaf {name!r} that the tree of "
+        "parameters does not; pass the parameters (or gradients) of this state."
       )
-    return matrix_layout(jnp.shape(flat[i][1]), dims[i], names[i])
+    out.setdefault(metric, [None] * len(flat))[index[name]] = value.astype(jnp.float32)
 
-  def check_shape(i, arr, expected, where):
-    if tuple(arr.shape) != tuple(expected):
-      raise ValueError(
-        f"leaf {names[i]!r}: {where} has shape {tuple(arr.shape)}, expected "
-        f"{tuple(expected)}; pass the optimizer's weight_dimension_numbers."
-      )
+  for s in find_states(state, ScaleByNormAdaptiveState):
+    raw = _by_path(s.raw_step_size)
+    for name, d in _by_path(s.step_size).items():
+      step = jnp.mean(d, axis=-1)
+      put("step_size", name, step)
+      put("alpha", name, s.learning_rate * step)
+      if d.shape[-1] > 1:
+        put("step_size_max_min", name, max_min_ratio(raw[name]))
+        put("step_size_cv", name, coefficient_of_variation(raw[name]))
+        moved = (d != raw[name]).astype(jnp.float32)
+        put("clamped_fraction", name, jnp.mean(moved, axis=-1))
 
-  adaptive = _find_states(state, ScaleByNormAdaptiveState)
-  if adaptive:
-    nus = _merge(adaptive, "nu")
-    count = adaptive[0].count
-    mus = _merge(_find_states(state, OrthogonalizeMomentumState), "mu")
-    correction = _norm_adaptive_correction(count, b1, b2)
-    lr = None
-    if learning_rate is not None:
-      lr = learning_rate(count - 1) if callable(learning_rate) else learning_rate
-    clamp_on = clamp is not None and 0 < clamp <= 1
-    for i, name in enumerate(names):
-      if name not in nus:
-        continue
-      if name not in mus:
-        raise ValueError(
-          f"leaf {name!r}: found a ScaleByNormAdaptiveState entry but no "
-          "OrthogonalizeMomentumState momentum to rebuild the direction from."
-        )
-      lay = layout(i, "a ScaleByNormAdaptiveState entry")
-      g, mu, nu = flat[i][1], mus[name], nus[name]
-      check_shape(i, mu, jnp.shape(g), "the stored momentum")
-      mu = mu.astype(jnp.float32)
-      m_hat = b1 * mu + (1 - b1) * g if nesterov else mu
-      m2 = _row_sq_norms(jnp.asarray(m_hat), lay)
-      per_feature = nu.shape[-1] != 1
-      if not per_feature:
-        m2 = jnp.sum(m2, axis=-1, keepdims=True)
-      check_shape(
-        i, nu, (lay.batch, lay.fan_in if per_feature else 1), "the second moment"
-      )
-      d = _norm_adaptive_step(correction, m2, nu, eps)  # (batch, k)
-      if per_feature:
-        if clamp_on:
-          d_applied = _clamp_toward_mean(d, clamp)
-          moved = jnp.abs(d_applied - d) > 0  # False for inf / NaN entries
-        else:
-          moved = jnp.zeros(d.shape, bool)
-          d_applied = d
-        put("step_size_max_min", i, max_min_ratio(d))
-        put("step_size_cv", i, coefficient_of_variation(d))
-        put("clamped_fraction", i, jnp.mean(moved.astype(jnp.float32), axis=-1))
-        step = jnp.mean(d_applied, axis=-1)
-      else:
-        step = d[:, 0]
-      put("step_size", i, step)
-      if lr is not None:
-        put("alpha", i, lr * step)
-
-  neuron = _find_states(state, ScaleByNeuronRmsState)
-  if neuron:
-    nus = _merge(neuron, "nu")
-    for i, name in enumerate(names):
-      if name not in nus:
-        continue
-      lay = layout(i, "a ScaleByNeuronRmsState entry")
-      nu = nus[name]
-      check_shape(i, nu, (lay.batch, lay.fan_out), "the per-neuron second moment")
+  for s in find_states(state, ScaleByNeuronRmsState):
+    for name, nu in _by_path(s.nu).items():
       rho = jnp.sqrt(jnp.maximum(nu, 0.0))
-      put("neuron_rms_max_min", i, max_min_ratio(rho))
-      put("neuron_rms_cv", i, coefficient_of_variation(rho))
+      put("neuron_rms_max_min", name, max_min_ratio(rho))
+      put("neuron_rms_cv", name, coefficient_of_variation(rho))
 
   return {k: jax.tree.unflatten(treedef, out[k]) for k in STATE_METRICS if k in out}
 
@@ -584,10 +454,10 @@ def record(
 ) -> optax.GradientTransformation:
   """An identity block that records :func:`update_metrics` of what it sees.
 
-  Put it anywhere in a chain; it passes the updates on unchanged (arrays or
-  :class:`~optax_orth.MatrixUpdate` records) and stores their metrics in its
-  state. Right after :func:`~optax_orth.orthogonalize_momentum` it measures
-  the Newton–Schulz output ``O`` itself, for example::
+  Put it anywhere in a chain; it passes the updates on unchanged and stores
+  their metrics in its state. Right after
+  :func:`~optax_orth.orthogonalize_momentum` it measures the Newton–Schulz
+  output ``O`` itself, for example::
 
     tx = optax.chain(orthogonalize_momentum(), diagnostics.record(),
                      scale_by_neuron_rms(), scale_by_shape(),
@@ -635,24 +505,19 @@ def with_diagnostics(
   *,
   every: int = 1,
   spectral_norm_iterations: int | None = POWER_ITERATIONS,
-  learning_rate: optax.ScalarOrSchedule | None = None,
-  b1: float = 0.95,
-  b2: float = 0.99,
-  eps: float = 1e-8,
-  nesterov: bool = True,
-  clamp: float | None = 0.75,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer so that each step stores its diagnostics in the state.
 
   The updates are those of ``inner``, unchanged. After each step
   ``opt_state.metrics`` holds :func:`update_metrics` of the *returned* updates
   (the step applied to the parameters: learning rate, weight decay and
   per-row / per-neuron scaling included) and :func:`state_metrics` of the new
-  inner state. Nothing needs a second forward or backward pass: they are
-  computed from the gradients, the updates and the state the step already has.
-  Read them with :func:`to_dict`::
+  inner state: the step sizes the optimizer applied, read from the state of
+  the blocks that applied them. It takes no optimizer hyperparameter, so it
+  cannot disagree with the optimizer. Nothing needs a second forward or
+  backward pass. Read the metrics with :func:`to_dict`::
 
-    tx = with_diagnostics(optax_orth.namo_d(1e-2), learning_rate=1e-2)
+    tx = with_diagnostics(optax_orth.namo_d(1e-2))
     updates, opt_state = tx.update(grads, opt_state, params)
     log(to_dict(opt_state.metrics))
 
@@ -664,24 +529,19 @@ def with_diagnostics(
 
   Args:
     inner: the optimizer.
-    weight_dimension_numbers: the spec for the metrics (see
-      :func:`update_metrics`; pass the optimizer's for stacked leaves).
+    weight_dimension_numbers: the spec for the update metrics (see
+      :func:`update_metrics`; ``None``: the default routing; pass the
+      optimizer's for stacked leaves).
     every: compute every ``every`` steps (the state keeps the last values).
     spectral_norm_iterations: power iterations for ``update_spectral_norm``
       (see :func:`spectral_norm`); ``None``: exact, with ``eigvalsh``, which
       is slow on CPU (about 1 s for a 256 x 256 matrix).
-    learning_rate: NAMO's learning rate, for ``alpha`` (see
-      :func:`state_metrics`).
-    b1: NAMO's ``b1`` (see :func:`state_metrics`).
-    b2: NAMO's ``b2``.
-    eps: NAMO's ``eps``.
-    nesterov: NAMO's ``nesterov``.
-    clamp: NAMO-D's clamp.
 
   Returns:
-    An ``optax.GradientTransformation`` with :class:`DiagnosticsState`.
+    An ``optax.GradientTransformationExtraArgs`` with :class:`DiagnosticsState`.
   """
   _check_every(every)
+  inner = optax.with_extra_args_support(inner)
 
   def compute(grads, updates, inner_state):
     metrics = update_metrics(
@@ -689,19 +549,7 @@ def with_diagnostics(
       weight_dimension_numbers,
       spectral_norm_iterations=spectral_norm_iterations,
     )
-    metrics.update(
-      state_metrics(
-        grads,
-        inner_state,
-        weight_dimension_numbers,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        nesterov=nesterov,
-        clamp=clamp,
-      )
-    )
+    metrics.update(state_metrics(grads, inner_state))
     return metrics
 
   def init_fn(params):
@@ -713,8 +561,10 @@ def with_diagnostics(
       metrics=_zeros_like_shapes(shapes),
     )
 
-  def update_fn(updates, state, params=None):
-    new_updates, inner_state = inner.update(updates, state.inner_state, params)
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, inner_state = inner.update(
+      updates, state.inner_state, params, **extra_args
+    )
     metrics = _maybe(
       state.count,
       every,
@@ -725,7 +575,7 @@ def with_diagnostics(
       optax.safe_increment(state.count), inner_state, metrics
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def to_dict(metrics: Metrics) -> dict[str, dict[str, float]]:

@@ -1,26 +1,28 @@
 """Gradient transformations: the composable blocks of the optimizers.
 
-Data flow. :func:`orthogonalize_momentum` turns gradients ``G`` into the
-orthogonalized momentum ``O = NS(Mt)``. With ``statistics=True`` it emits, for
-each matrix leaf, a :class:`MatrixUpdate` instead of a bare array: ``O`` plus
-the per-input-feature squared norms of ``G`` and ``Mt``, which are all that
-NAMO and NAMO-D need of them (one vector per matrix, never a copy of the
-momentum). Later blocks read and refine that record:
+Data flow. Every block takes and returns ``updates`` with the structure and
+shapes of the parameters, so any optax transformation can sit between two of
+them and acts on exactly what optax defines it on. A block's own statistics
+live in its state:
 
-* :func:`scale_by_neuron_rms` normalizes ``direction`` per neuron (NorMuon);
-* :func:`scale_by_norm_adaptive` sets ``step_size``, NAMO's adaptive ``d``;
-* :func:`clamp_diagonal` clamps ``step_size`` toward its mean (NAMO-D);
-* :func:`scale_by_capped_step` multiplies in the learning rate, applies NAMO's
-  caps and weight decay, and returns plain arrays again.
-
-Blocks that work on a direction (:func:`scale_by_neuron_rms`,
-:func:`scale_by_shape`) accept both bare arrays and :class:`MatrixUpdate`.
+* :func:`orthogonalize_momentum` turns gradients ``G`` into the orthogonalized
+  momentum ``O = orth(Mt)``; with ``statistics=True`` its state also keeps, for
+  the step just taken, the per-input-feature squared norms of ``G`` and ``Mt``
+  (:class:`MomentumStatistics`, one vector per matrix).
+* :func:`scale_by_neuron_rms` (NorMuon) and :func:`scale_by_shape` rescale a
+  direction.
+* :func:`scale_by_norm_adaptive` is the whole NAMO / NAMO-D rule. It wraps the
+  transformation that makes the direction (``direction=``, a chain that
+  contains ``orthogonalize_momentum(statistics=True)``), finds that block's
+  statistics in the inner state by type, forms the adaptive step size ``d``,
+  lets a step-size transformation such as :func:`clamp_diagonal` refine it,
+  and applies the learning rate, NAMO's caps and weight decay. The step size
+  it applied is in its state, where diagnostics read it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ import optax
 
 from optax_orth import orthogonalizers as orth_lib
 from optax_orth import sharding as sharding_lib
+from optax_orth import validation
 from optax_orth.routing import (
   DimensionNumbersSpec,
   MatrixLayout,
@@ -37,134 +40,36 @@ from optax_orth.routing import (
 )
 
 
-class MatrixUpdate(NamedTuple):
-  """The record that the NAMO-family blocks pass along, one per matrix leaf.
-
-  Attributes:
-    direction: the update direction, in the leaf's shape (``O = NS(Mt)``).
-    grad_sq_norms: ``||G[i, :]||^2`` per input feature ``i``, float32, shape
-      ``(batch, fan_in)``.
-    momentum_sq_norms: ``||Mt[i, :]||^2`` per input feature, float32, shape
-      ``(batch, fan_in)``.
-    step_size: ``None`` until :func:`scale_by_norm_adaptive` sets it: the
-      step size ``d`` per matrix ``(batch, 1)`` or per input feature
-      ``(batch, fan_in)``, float32, without the learning rate.
-  """
-
-  direction: jax.Array
-  grad_sq_norms: jax.Array
-  momentum_sq_norms: jax.Array
-  step_size: jax.Array | None = None
-
-
-def _is_update(x) -> bool:
-  return isinstance(x, MatrixUpdate)
-
-
-def _check_unit_interval(name: str, value, closed_right: bool = False) -> None:
-  try:
-    v = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return  # traced (inject_hyperparams): checked by the user's own schedule
-  ok = 0 <= v <= 1 if closed_right else 0 <= v < 1
-  if not ok:
-    interval = "[0, 1]" if closed_right else "[0, 1)"
-    raise ValueError(f"{name} must be in {interval}; got {name}={value}.")
-
-
-def _check_non_negative(name: str, value) -> None:
-  try:
-    v = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not v >= 0:
-    raise ValueError(f"{name} must be non-negative; got {name}={value}.")
-
-
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def _check_matches_state(updates, reference, where: str) -> None:
-  """Raises a ValueError naming the leaf where updates and state disagree.
-
-  ``reference`` is a tree shaped like the parameters that the state was
-  initialized with; the tree structures and every leaf's shape must match.
-
-  ``optax.MaskedNode`` leaves (the other branch of a partition) are compared
-  by position only. Runs at trace time; costs nothing under ``jax.jit``.
-  """
-  ref, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=_is_masked)
-  upd, upd_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
-  if upd_def != ref_def:
-    ref_paths = {path_str(p) for p, _ in ref}
-    upd_paths = {path_str(p) for p, _ in upd}
-    missing, extra = sorted(ref_paths - upd_paths), sorted(upd_paths - ref_paths)
-    parts = [f"missing from the updates: {missing}"] if missing else []
-    parts += [f"unexpected in the updates: {extra}"] if extra else []
-    detail = "; ".join(parts) or f"containers differ: {upd_def} vs {ref_def}"
-    raise ValueError(
-      f"{where}: the updates do not have the tree structure of the parameters "
-      f"the optimizer state was initialized with ({detail})."
-    )
-  for (path, u), (_, r) in zip(upd, ref, strict=True):
-    if _is_masked(u) or _is_masked(r) or jnp.shape(u) == jnp.shape(r):
-      continue
-    raise ValueError(
-      f"{where}: leaf {path_str(path)!r} has shape {tuple(jnp.shape(u))}, but "
-      f"the optimizer state was initialized for shape {tuple(jnp.shape(r))}; "
-      "call init again after changing a parameter's shape."
-    )
-
-
-def _layouts(spec: DimensionNumbersSpec, tree, is_leaf=None):
-  """(path, leaf, layout) for every array (or MatrixUpdate) leaf of tree."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  # A callable spec (route_by_path) sees the directions, not MatrixUpdate fields.
-  arrays = jax.tree.map(
-    lambda x: x.direction if _is_update(x) else x, tree, is_leaf=_is_update
-  )
-  dims = leaf_dimension_numbers(spec, arrays)
+def _layouts(spec: DimensionNumbersSpec, tree, where: str):
+  """(path, leaf, layout) for every array leaf of ``tree``, and its treedef."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  dims = leaf_dimension_numbers(spec, tree)
   out = []
   for (path, x), dn in zip(flat, dims, strict=True):
     name = path_str(path)
-    shape = x.direction.shape if _is_update(x) else jnp.shape(x)
-    out.append((name, x, matrix_layout(shape, dn, name)))
+    if not hasattr(x, "shape"):
+      raise ValueError(
+        f"{where}: leaf {name!r} of the updates is a {type(x).__name__}, not an "
+        "array shaped like its parameter."
+      )
+    out.append((name, x, matrix_layout(jnp.shape(x), dn, name)))
   return out, treedef
 
 
-_F32_MAX = float(jnp.finfo(jnp.float32).max)
+def stat_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
+  """The dtype of the statistics of a leaf: the wider of float32 and its own."""
+  return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
 
 
-def _row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
-  m = layout.to_matrices(x.astype(jnp.float32))
-  return jnp.sum(m * m, axis=-1)
+def row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
+  """``||X[i, :]||^2`` per input feature of each matrix: ``(batch, fan_in)``.
 
-
-def _norm_adaptive_correction(count: jax.Array, b1, b2) -> jax.Array:
-  """NAMO's bias correction ``sqrt(1 - b2^t) / (1 - b1^t + 1e-12)``."""
-  t = count.astype(jnp.float32)
-  return jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
-
-
-def _norm_adaptive_step(correction, m2, nu, eps) -> jax.Array:
-  """``d = correction * ||Mt|| / (sqrt(v) + eps)`` from ``||Mt||^2`` and ``v``.
-
-  Squared norms of entries above ~1e19 overflow float32: ``m2`` (and ``v``, by
-  its caller) saturate at float32's max so that ``d`` stays finite.
+  Computed in :func:`stat_dtype`; saturates at its largest finite value instead
+  of overflowing to ``inf``.
   """
-  return correction * jnp.sqrt(jnp.minimum(m2, _F32_MAX)) / (jnp.sqrt(nu) + eps)
-
-
-def _clamp_toward_mean(d: jax.Array, c) -> jax.Array:
-  """NAMO-D's ``clip(d, c m, m / c)`` per matrix (``m`` the mean over ``-1``).
-
-  A no-op unless ``0 < c <= 1`` and ``m`` is finite and positive.
-  """
-  m = jnp.mean(d, axis=-1, keepdims=True)
-  active = (m > 0) & jnp.isfinite(m) & (c > 0) & (c <= 1)
-  safe_c = jnp.where((c > 0) & (c <= 1), c, 1.0)
-  return jnp.where(active, jnp.clip(d, safe_c * m, m / safe_c), d)
+  dt = stat_dtype(x.dtype)
+  m = layout.to_matrices(x.astype(dt))
+  return jnp.minimum(jnp.sum(m * m, axis=-1), jnp.finfo(dt).max)
 
 
 def _learning_rate(learning_rate, count):
@@ -212,11 +117,48 @@ def orthogonalize_grouped(
   return out
 
 
-class OrthogonalizeMomentumState(NamedTuple):
-  """State of :func:`orthogonalize_momentum`."""
+class MomentumStatistics(NamedTuple):
+  """What NAMO needs of one step of :func:`orthogonalize_momentum`.
 
-  count: jax.Array  # int32, number of updates so far
-  mu: optax.Updates  # the momentum M, like the parameters
+  Attributes:
+    grad_sq_norms: ``||G[i, :]||^2`` per input feature ``i`` of each matrix,
+      shape ``(batch, fan_in)``, in :func:`stat_dtype`.
+    momentum_sq_norms: ``||Mt[i, :]||^2`` of the direction that was
+      orthogonalized, same shape.
+  """
+
+  grad_sq_norms: optax.Updates
+  momentum_sq_norms: optax.Updates
+
+
+class OrthogonalizeMomentumState(NamedTuple):
+  """State of :func:`orthogonalize_momentum`.
+
+  Attributes:
+    count: int32, number of updates so far.
+    mu: the momentum ``M``, like the parameters.
+    statistics: ``None``, or with ``statistics=True`` the
+      :class:`MomentumStatistics` of the last step (zeros before the first).
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  statistics: MomentumStatistics | None = None
+
+
+def _momentum_direction(updates, mu, count_inc, beta, nesterov, bias_correction):
+  """``Mt``: the (optionally Nesterov, optionally bias-corrected) momentum."""
+  if bias_correction:
+    if nesterov:
+      return jax.tree.map(
+        lambda m, g: beta * m + (1 - beta) * g,
+        optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
+        optax.tree.bias_correction(updates, beta, count_inc),
+      )
+    return optax.tree.bias_correction(mu, beta, count_inc)
+  if nesterov:
+    return jax.tree.map(lambda m, g: (1 - beta) * g + beta * m, mu, updates)
+  return mu
 
 
 def orthogonalize_momentum(
@@ -249,6 +191,7 @@ def orthogonalize_momentum(
   ``bias_correction=True`` the terms are bias-corrected exactly as in
   ``optax.contrib.scale_by_muon``: ``M_t / (1 - beta^t)`` without Nesterov,
   and ``beta M_t / (1 - beta^{t+1}) + (1 - beta) G_t / (1 - beta^t)`` with.
+  The updates it returns are the arrays ``O_t``, shaped like the parameters.
 
   Args:
     beta: momentum decay, in ``[0, 1)``.
@@ -267,10 +210,11 @@ def orthogonalize_momentum(
       :func:`optax_orth.polar_svd`. The ``ns_*`` options are then unused.
     adaptive: multiply ``O`` by the dual norm ``<Mt, O>`` (summed over the
       leaf), as ``optax.contrib.muon(adaptive=True)``.
-    statistics: emit :class:`MatrixUpdate` records instead of arrays, for
-      :func:`scale_by_norm_adaptive`.
-    weight_dimension_numbers: a dimension-numbers spec
-      (see :mod:`optax_orth.routing`); ``None``: every leaf is a 2-D matrix.
+    statistics: also keep, in the state, the :class:`MomentumStatistics` of
+      each step, which :func:`scale_by_norm_adaptive` reads.
+    weight_dimension_numbers: a dimension-numbers spec (see
+      :mod:`optax_orth.routing`; ``None``: the default routing). Every leaf
+      this block sees must be a matrix under it.
     sharding: ``None``, or an :class:`optax_orth.OwnerSharding`: under
       ``jax.jit`` on a device mesh, every matrix is orthogonalized whole on
       one device of the owner axes (the "owner" scheme, see
@@ -283,14 +227,23 @@ def orthogonalize_momentum(
     Jordan et al., `Muon: An optimizer for hidden layers in neural networks
     <https://kellerjordan.github.io/posts/muon/>`_, 2024.
   """
-  _check_unit_interval("beta", beta)
+  validation.check_hyperparameters(locals())
   if orthogonalizer is None:
     orthogonalizer = orth_lib.make_newton_schulz(
       ns_coeffs, ns_steps, eps, ns_dtype, preconditioning=preconditioning
     )
+  where = "orthogonalize_momentum"
+
+  def zero_statistics(entries, treedef):
+    zeros = [
+      jnp.zeros((lay.batch, lay.fan_in), stat_dtype(x.dtype)) for _, x, lay in entries
+    ]
+    tree = jax.tree.unflatten(treedef, zeros)
+    return MomentumStatistics(grad_sq_norms=tree, momentum_sq_norms=tree)
 
   def init_fn(params):
-    for name, x, _ in _layouts(weight_dimension_numbers, params)[0]:
+    entries, treedef = _layouts(weight_dimension_numbers, params, where)
+    for name, x, _ in entries:
       if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
           f"leaf {name!r} has dtype {x.dtype}; orthogonalize_momentum needs "
@@ -299,51 +252,46 @@ def orthogonalize_momentum(
     return OrthogonalizeMomentumState(
       count=jnp.zeros([], jnp.int32),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      statistics=zero_statistics(entries, treedef) if statistics else None,
     )
 
   def update_fn(updates, state, params=None):
     del params
-    _check_matches_state(updates, state.mu, "orthogonalize_momentum")
-    entries, treedef = _layouts(weight_dimension_numbers, updates)
+    validation.check_matches_state(updates, state.mu, where)
+    entries, treedef = _layouts(weight_dimension_numbers, updates, where)
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
     count_inc = optax.safe_increment(state.count)
-    if bias_correction:
-      if nesterov:
-        mu_hat = jax.tree.map(
-          lambda m, g: beta * m + (1 - beta) * g,
-          optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
-          optax.tree.bias_correction(updates, beta, count_inc),
-        )
-      else:
-        mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
-    elif nesterov:
-      mu_hat = jax.tree.map(lambda m, g: (1 - beta) * g + beta * m, mu, updates)
-    else:
-      mu_hat = mu
-
+    mu_hat = _momentum_direction(
+      updates, mu, count_inc, beta, nesterov, bias_correction
+    )
     m_hats = jax.tree.leaves(mu_hat)
     if sharding is not None:
       m_hats = sharding_lib.keep_layout(m_hats, jax.tree.leaves(mu), sharding)
+    layouts = [lay for _, _, lay in entries]
     orthogonal = orthogonalize_grouped(
-      [lay.to_matrices(m) for (_, _, lay), m in zip(entries, m_hats, strict=True)],
+      [lay.to_matrices(m) for lay, m in zip(layouts, m_hats, strict=True)],
       orthogonalizer,
       sharding,
     )
     outs = []
-    for (_, g, layout), m_hat, o in zip(entries, m_hats, orthogonal, strict=True):
-      o = layout.from_matrices(o)
-      if adaptive:
-        o = jnp.sum(m_hat * o) * o
-      if statistics:
-        o = MatrixUpdate(
-          direction=o,
-          grad_sq_norms=_row_sq_norms(g, layout),
-          momentum_sq_norms=_row_sq_norms(m_hat, layout),
-        )
-      outs.append(o)
-    new_updates = jax.tree.unflatten(treedef, outs)
-    mu = optax.tree.cast(mu, mu_dtype)
-    return new_updates, OrthogonalizeMomentumState(count=count_inc, mu=mu)
+    for lay, m_hat, o in zip(layouts, m_hats, orthogonal, strict=True):
+      o = lay.from_matrices(o)
+      outs.append(jnp.sum(m_hat * o) * o if adaptive else o)
+    stats = None
+    if statistics:
+      stats = MomentumStatistics(
+        grad_sq_norms=jax.tree.unflatten(
+          treedef, [row_sq_norms(g, lay) for _, g, lay in entries]
+        ),
+        momentum_sq_norms=jax.tree.unflatten(
+          treedef,
+          [row_sq_norms(m, lay) for lay, m in zip(layouts, m_hats, strict=True)],
+        ),
+      )
+    new_state = OrthogonalizeMomentumState(
+      count=count_inc, mu=optax.tree.cast(mu, mu_dtype), statistics=stats
+    )
+    return jax.tree.unflatten(treedef, outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -361,12 +309,6 @@ def shape_scale(
   return jnp.sqrt(jnp.maximum(fan_in, fan_out)) * consistent_rms
 
 
-def _map_direction(fn: Callable[[jax.Array], jax.Array], x):
-  if _is_update(x):
-    return x._replace(direction=fn(x.direction))
-  return fn(x)
-
-
 def scale_by_shape(
   weight_dimension_numbers: DimensionNumbersSpec = None,
   consistent_rms: jax.typing.ArrayLike | None = None,
@@ -379,25 +321,25 @@ def scale_by_shape(
     orthogonal update the RMS ``c`` (Liu et al., 2025). It is also NAMO's
     shape factor, ``scale_coeff * sqrt(max(fan_in, fan_out))`` with
     ``scale_coeff = 0.2``; NAMO applies it inside a cap, see
-    :func:`scale_by_capped_step`.
-
-  Works on arrays and on the ``direction`` of :class:`MatrixUpdate` records.
+    :func:`scale_by_norm_adaptive`.
 
   Args:
-    weight_dimension_numbers: a dimension-numbers spec (``None``: 2-D leaves).
+    weight_dimension_numbers: a dimension-numbers spec (``None``: the
+      default routing).
     consistent_rms: ``None`` for width scaling, or the target RMS.
 
   Returns:
     A stateless ``optax.GradientTransformation``.
   """
+  validation.check_hyperparameters(locals())
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = _layouts(weight_dimension_numbers, updates, _is_update)
-    outs = []
-    for _, x, lay in entries:
-      scale = shape_scale(lay.fan_in, lay.fan_out, consistent_rms)
-      outs.append(_map_direction(lambda d, s=scale: (s * d).astype(d.dtype), x))
+    entries, treedef = _layouts(weight_dimension_numbers, updates, "scale_by_shape")
+    outs = [
+      (shape_scale(lay.fan_in, lay.fan_out, consistent_rms) * x).astype(x.dtype)
+      for _, x, lay in entries
+    ]
     return jax.tree.unflatten(treedef, outs), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -434,14 +376,14 @@ def scale_by_neuron_rms(
   (the paper's Algorithm 1, ``r = 0.2``) it returns
   ``\hat O \cdot r \sqrt{fan_in \cdot fan_out} / (||\hat O||_F + eps)``, whose
   RMS is ``r``. No bias correction, as in the references. Computed in float32
-  and returned in the update's dtype. Works on arrays and on the ``direction``
-  of :class:`MatrixUpdate` records.
+  and returned in the update's dtype.
 
   Args:
     b2: decay of the second moment, in ``[0, 1)``.
     eps: non-negative term added to the denominators.
-    target_rms: ``None`` (norm-preserving) or the fixed RMS.
-    weight_dimension_numbers: a dimension-numbers spec (``None``: 2-D leaves).
+    target_rms: ``None`` (norm-preserving) or the fixed RMS (positive).
+    weight_dimension_numbers: a dimension-numbers spec (``None``: the
+      default routing).
 
   Returns:
     An ``optax.GradientTransformation`` whose state holds one float32 value
@@ -451,16 +393,18 @@ def scale_by_neuron_rms(
     Li et al., `NorMuon: Making Muon more efficient and scalable
     <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
-  _check_unit_interval("b2", b2)
-  _check_non_negative("eps", eps)
+  validation.check_hyperparameters(locals())
+  where = "scale_by_neuron_rms"
 
   def init_fn(params):
-    entries, treedef = _layouts(weight_dimension_numbers, params)
-    nu = [jnp.zeros((lay.batch, lay.fan_out), jnp.float32) for _, _, lay in entries]
+    entries, treedef = _layouts(weight_dimension_numbers, params, where)
+    nu = [
+      jnp.zeros((lay.batch, lay.fan_out), stat_dtype(x.dtype)) for _, x, lay in entries
+    ]
     return ScaleByNeuronRmsState(nu=jax.tree.unflatten(treedef, nu))
 
   def normalize(o, nu, lay):
-    m = lay.to_matrices(o.astype(jnp.float32))
+    m = lay.to_matrices(o.astype(nu.dtype))
     n0 = jnp.linalg.norm(m, axis=(-2, -1), keepdims=True)
     nu = b2 * nu + (1 - b2) * jnp.mean(m * m, axis=-2)
     m = m / (jnp.sqrt(nu)[:, None, :] + eps)
@@ -472,15 +416,18 @@ def scale_by_neuron_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = _layouts(weight_dimension_numbers, updates, _is_update)
-    outs, nus = [], []
-    for (_, x, lay), nu in zip(entries, jax.tree.leaves(state.nu), strict=True):
-      o = x.direction if _is_update(x) else x
-      o, nu = normalize(o, nu, lay)
-      outs.append(x._replace(direction=o) if _is_update(x) else o)
-      nus.append(nu)
-    return jax.tree.unflatten(treedef, outs), ScaleByNeuronRmsState(
-      nu=jax.tree.unflatten(treedef, nus)
+    entries, treedef = _layouts(weight_dimension_numbers, updates, where)
+    nus = jax.tree.leaves(state.nu)
+    if len(nus) != len(entries):
+      raise ValueError(
+        f"{where}: the updates have {len(entries)} matrix leaves but the state "
+        f"{len(nus)}; call init with the parameters these updates are for."
+      )
+    pairs = [
+      normalize(x, nu, lay) for (_, x, lay), nu in zip(entries, nus, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, [p[0] for p in pairs]), ScaleByNeuronRmsState(
+      nu=jax.tree.unflatten(treedef, [p[1] for p in pairs])
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -490,226 +437,317 @@ def scale_by_neuron_rms(
 # NAMO / NAMO-D: norm-based adaptive step size.
 
 
-class ScaleByNormAdaptiveState(NamedTuple):
-  """State of :func:`scale_by_norm_adaptive`.
-
-  ``nu`` holds, per matrix leaf, the EMA of squared gradient norms, float32:
-  shape ``(batch, 1)`` (one scalar per matrix) or ``(batch, fan_in)``.
-  """
-
-  count: jax.Array
-  nu: optax.Updates
-
-
-def scale_by_norm_adaptive(
-  b1: float = 0.95,
-  b2: float = 0.99,
-  eps: float = 1e-8,
-  *,
-  granularity: Literal["matrix", "input_feature"] = "matrix",
-  weight_dimension_numbers: DimensionNumbersSpec = None,
-) -> optax.GradientTransformation:
-  r"""NAMO's adaptive step size, from the momentum and gradient norms.
-
-  Takes the :class:`MatrixUpdate` records of
-  ``orthogonalize_momentum(statistics=True)`` and sets their ``step_size``.
-  With ``granularity="matrix"`` (NAMO), per matrix:
-
-  .. math::
-    v_t = b_2 v_{t-1} + (1 - b_2) \|G_t\|_F^2, \qquad
-    d_t = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t + 10^{-12}}
-          \frac{\|\tilde M_t\|_F}{\sqrt{v_t} + \epsilon}.
-
-  With ``granularity="input_feature"`` (NAMO-D), the same per input feature
-  ``i`` (a row of the Flax kernel), with ``||G[i, :]||`` and
-  ``||Mt[i, :]||``. The learning rate multiplies ``d`` later, in
-  :func:`scale_by_capped_step` (NAMO's ``alpha = lr * d``). If the record
-  already carries a step size the two multiply.
-
-  Args:
-    b1: decay of the momentum that ``Mt`` came from (bias correction only).
-    b2: decay of the squared-norm EMA, in ``[0, 1)``.
-    eps: non-negative term added to ``sqrt(v)``.
-    granularity: ``"matrix"`` or ``"input_feature"``.
-    weight_dimension_numbers: a dimension-numbers spec (``None``: 2-D leaves).
-
-  Returns:
-    An ``optax.GradientTransformation``; state: one float32 scalar (or one
-    per input feature) per matrix, and a step count.
-
-  References:
-    Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
-    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
-    released code ``minxin-zhg/namo``.
-  """
-  _check_unit_interval("b1", b1)
-  _check_unit_interval("b2", b2)
-  _check_non_negative("eps", eps)
-  if granularity not in ("matrix", "input_feature"):
+def _check_step_size_call(where: str, extra_args: dict) -> None:
+  if not extra_args.get("matrix_step_sizes", False):
     raise ValueError(
-      f"granularity must be 'matrix' or 'input_feature'; got {granularity!r}."
-    )
-  per_feature = granularity == "input_feature"
-
-  def init_fn(params):
-    entries, treedef = _layouts(weight_dimension_numbers, params)
-    nu = [
-      jnp.zeros((lay.batch, lay.fan_in if per_feature else 1), jnp.float32)
-      for _, _, lay in entries
-    ]
-    return ScaleByNormAdaptiveState(
-      count=jnp.zeros([], jnp.int32), nu=jax.tree.unflatten(treedef, nu)
+      f"{where} transforms NAMO's step sizes, not parameter updates: pass it "
+      "as scale_by_norm_adaptive(..., step_size_transform=...), not in a chain "
+      "of updates."
     )
 
-  def update_fn(updates, state, params=None):
-    del params
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_update)
-    count = optax.safe_increment(state.count)
-    correction = _norm_adaptive_correction(count, b1, b2)
-    outs, nus = [], []
-    for (path, u), nu in zip(leaves, jax.tree.leaves(state.nu), strict=True):
-      if not _is_update(u):
-        raise ValueError(
-          f"leaf {path_str(path)!r}: scale_by_norm_adaptive needs the "
-          "MatrixUpdate records of orthogonalize_momentum(statistics=True); "
-          f"got {type(u).__name__}."
-        )
-      g2, m2 = u.grad_sq_norms, u.momentum_sq_norms
-      if not per_feature:
-        g2, m2 = g2.sum(-1, keepdims=True), m2.sum(-1, keepdims=True)
-      # Squared norms of |G| > ~1e19 overflow float32: saturate them (and v)
-      # at float32's max so that d stays finite instead of inf / inf.
-      nu = jnp.minimum(b2 * nu + (1 - b2) * jnp.minimum(g2, _F32_MAX), _F32_MAX)
-      d = _norm_adaptive_step(correction, m2, nu, eps)
-      outs.append(u._replace(step_size=d if u.step_size is None else u.step_size * d))
-      nus.append(nu)
-    return jax.tree.unflatten(treedef, outs), ScaleByNormAdaptiveState(
-      count=count, nu=jax.tree.unflatten(treedef, nus)
-    )
 
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformation:
+def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformationExtraArgs:
   r"""NAMO-D's clamp of the diagonal step sizes toward their mean.
 
-  For each matrix, with ``m = mean_i d_i`` over its input features:
+  A transformation of the tree of step sizes that
+  :func:`scale_by_norm_adaptive` forms (one ``(batch, fan_in)`` array per
+  matrix leaf), passed as its ``step_size_transform``. For each matrix, with
+  ``m = mean_i d_i`` over its input features:
   ``d_i <- clip(d_i, c m, m / c)`` when ``0 < c <= 1`` and ``m`` is finite
   and positive; otherwise ``d`` is left as it is. ``c = 1`` gives every row the
-  mean; ``c = 0`` or ``c > 1`` disables the clamp. For stacked leaves the mean
-  is per matrix. Works on :class:`MatrixUpdate` records with a step size.
+  mean; ``c = 0`` or ``c > 1`` disables the clamp. Placed in a chain of
+  parameter updates it raises a ``ValueError``.
 
   Args:
     c: the clamp (non-negative). Reference default ``0.75``.
 
   Returns:
-    A stateless ``optax.GradientTransformation``.
+    A stateless ``optax.GradientTransformationExtraArgs``.
 
   References:
     Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
     with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026.
   """
-  _check_non_negative("c", c)
+  validation.check_non_negative("c", c)
 
-  def update_fn(updates, state, params=None):
+  def clamp(d):
+    m = jnp.mean(d, axis=-1, keepdims=True)
+    active = (m > 0) & jnp.isfinite(m) & (c > 0) & (c <= 1)
+    safe_c = jnp.where((c > 0) & (c <= 1), c, 1.0)
+    return jnp.where(active, jnp.clip(d, safe_c * m, m / safe_c), d)
+
+  def update_fn(step_sizes, state, params=None, **extra_args):
     del params
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_update)
-    outs = []
-    for path, u in leaves:
-      if not _is_update(u) or u.step_size is None:
-        raise ValueError(
-          f"leaf {path_str(path)!r}: clamp_diagonal needs MatrixUpdate records "
-          "with a step size; put scale_by_norm_adaptive before it."
-        )
-      outs.append(u._replace(step_size=_clamp_toward_mean(u.step_size, c)))
-    return jax.tree.unflatten(treedef, outs), state
+    _check_step_size_call("clamp_diagonal", extra_args)
+    return jax.tree.map(clamp, step_sizes), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
-class ScaleByCappedStepState(NamedTuple):
-  """State of :func:`scale_by_capped_step`: the step count for schedules."""
+class ScaleByNormAdaptiveState(NamedTuple):
+  """State of :func:`scale_by_norm_adaptive`.
+
+  Per matrix leaf, arrays of shape ``(batch, 1)`` (one per matrix) or
+  ``(batch, fan_in)`` (one per input feature), in :func:`stat_dtype`:
+
+  Attributes:
+    count: int32, number of updates so far.
+    nu: the EMA ``v`` of squared gradient norms.
+    step_size: the step size ``d`` applied at the last step (after the
+      step-size transformation, without the learning rate).
+    raw_step_size: ``d`` before the step-size transformation.
+    learning_rate: the learning rate of the last step; NAMO's
+      ``alpha = learning_rate * step_size``.
+    direction_state: the state of the ``direction`` transformation.
+    step_size_state: the state of the step-size transformation.
+  """
 
   count: jax.Array
+  nu: optax.Updates
+  step_size: optax.Updates
+  raw_step_size: optax.Updates
+  learning_rate: jax.Array
+  direction_state: optax.OptState
+  step_size_state: optax.OptState
 
 
-def scale_by_capped_step(
+def find_states(tree: Any, cls: type) -> list:
+  """Every state of type ``cls`` nested anywhere in ``tree``, in tree order."""
+  is_cls = lambda x: isinstance(x, cls)
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_cls) if is_cls(x)]
+
+
+def _statistics_of(direction_state) -> MomentumStatistics:
+  found = [
+    s.statistics
+    for s in find_states(direction_state, OrthogonalizeMomentumState)
+    if s.statistics is not None
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      "scale_by_norm_adaptive: its direction transformation must contain "
+      "exactly one orthogonalize_momentum(statistics=True); found "
+      f"{len(found)}."
+    )
+  return found[0]
+
+
+def _norm_adaptive_step_sizes(stats, nu_tree, count, b1, b2, eps, per_feature):
+  """NAMO's ``(v_t, d_t)`` per matrix leaf, from the momentum statistics.
+
+  ``v = b2 v + (1 - b2) ||G||^2`` and ``d = sqrt(1 - b2^t) / (1 - b1^t +
+  1e-12) * ||Mt|| / (sqrt(v) + eps)``, summed over the input features when
+  ``per_feature`` is false. Squared norms saturate at the dtype's largest
+  value, so that ``d`` stays finite instead of ``inf / inf``.
+  """
+  t = count.astype(jnp.float32)
+  correction = jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
+
+  def one(g2, m2, nu):
+    big = jnp.finfo(nu.dtype).max
+    if not per_feature:
+      g2, m2 = g2.sum(-1, keepdims=True), m2.sum(-1, keepdims=True)
+    nu = jnp.minimum(b2 * nu + (1 - b2) * jnp.minimum(g2, big), big)
+    d = correction * jnp.sqrt(jnp.minimum(m2, big)) / (jnp.sqrt(nu) + eps)
+    return nu, d.astype(nu.dtype)
+
+  nus, treedef = jax.tree.flatten(nu_tree)
+  pairs = [
+    one(g2, m2, nu)
+    for g2, m2, nu in zip(
+      jax.tree.leaves(stats.grad_sq_norms),
+      jax.tree.leaves(stats.momentum_sq_norms),
+      nus,
+      strict=True,
+    )
+  ]
+  return (
+    jax.tree.unflatten(treedef, [p[0] for p in pairs]),
+    jax.tree.unflatten(treedef, [p[1] for p in pairs]),
+  )
+
+
+def _check_step_sizes(d, raw) -> None:
+  flat_d = jax.tree.leaves(d)
+  for (path, r), x in zip(
+    jax.tree_util.tree_flatten_with_path(raw)[0], flat_d, strict=False
+  ):
+    if jnp.shape(x) != jnp.shape(r):
+      raise ValueError(
+        f"scale_by_norm_adaptive: step_size_transform returned shape "
+        f"{jnp.shape(x)} for leaf {path_str(path)!r}; it must return step sizes "
+        f"of the shapes it receives, here {jnp.shape(r)}."
+      )
+  if len(flat_d) != len(jax.tree.leaves(raw)):
+    raise ValueError(
+      "scale_by_norm_adaptive: step_size_transform changed the tree of step sizes."
+    )
+
+
+def _capped_step(o, k, alpha, lay, scale_coeff, decay, weight_decay_mode, lr):
+  """NAMO's ``-min(alpha s, 1) O - shrink K`` for one leaf, in the leaf's shape."""
+  alpha = alpha[:, :, None]
+  s = scale_coeff * max(lay.fan_in, lay.fan_out) ** 0.5
+  delta = -jnp.minimum(alpha * s, 1.0) * lay.to_matrices(o.astype(alpha.dtype))
+  if k is not None:
+    if weight_decay_mode == "adaptive":
+      shrink = jnp.minimum(decay * jnp.minimum(alpha, 1.0), 1.0)
+    else:
+      shrink = lr * decay
+    delta = delta - shrink * lay.to_matrices(k.astype(alpha.dtype))
+  return lay.from_matrices(delta).astype(o.dtype)
+
+
+def scale_by_norm_adaptive(
+  direction: optax.GradientTransformation,
   learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.95,
+  b2: float = 0.99,
+  eps: float = 1e-8,
   *,
+  granularity: Literal["matrix", "input_feature"] = "matrix",
+  step_size_transform: optax.GradientTransformation | None = None,
   scale_coeff: float = 0.2,
   weight_decay: float = 0.0,
   weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
   weight_dimension_numbers: DimensionNumbersSpec = None,
-) -> optax.GradientTransformation:
-  r"""Applies NAMO's capped step and weight decay; returns plain updates.
+) -> optax.GradientTransformationExtraArgs:
+  r"""NAMO's adaptive step: ``direction``'s output times ``lr * d``, capped.
 
-  With ``alpha = lr * d`` (``d`` from :func:`scale_by_norm_adaptive`, one per
-  matrix or per input feature ``i``) and
-  ``s = scale_coeff * sqrt(max(fan_in, fan_out))``, the update of a kernel
-  ``K`` is
+  ``direction`` makes the direction ``O`` from the gradients, and must contain
+  ``orthogonalize_momentum(b1, statistics=True)`` (any optax blocks may come
+  after it, for example :func:`scale_by_neuron_rms`). Per matrix
+  (``granularity="matrix"``, NAMO) or per input feature ``i`` (a row of the
+  Flax kernel, ``"input_feature"``, NAMO-D), with ``G`` and ``Mt`` the
+  gradient and the momentum direction that block saw:
+
+  .. math::
+    v_t = b_2 v_{t-1} + (1 - b_2) \|G_t\|^2, \qquad
+    d_t = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t + 10^{-12}}
+          \frac{\|\tilde M_t\|}{\sqrt{v_t} + \epsilon},
+
+  then ``d <- step_size_transform(d)`` (NAMO-D: :func:`clamp_diagonal`), and
+  with ``alpha = lr * d`` and ``s = scale_coeff * sqrt(max(fan_in,
+  fan_out))`` the update of a kernel ``K`` is
 
   .. math::
     \Delta K_{i,:} = -\min(\alpha_i s, 1)\, O_{i,:}
       - \min(\lambda \min(\alpha_i, 1), 1)\, K_{i,:}
 
   in the default ``weight_decay_mode="adaptive"`` (the reference: decay
-  scaled by ``alpha``; the outer ``min`` is NAMO-D's ``max(0, .)`` and only
-  matters for ``lambda > 1``), or with ``-lr * lambda * K`` as the decay term
-  in ``"decoupled"`` mode (standard decoupled weight decay).
+  scaled by ``alpha``; the outer ``min`` is NAMO-D's ``max(0, .)``), or with
+  ``-lr * lambda * K`` as the decay term in ``"decoupled"`` mode. Norms and
+  step sizes are computed in the wider of float32 and the leaf's dtype, and
+  squared norms saturate at its largest value, so ``d`` stays finite. The
+  updates are plain arrays shaped like the parameters.
 
   Args:
+    direction: the transformation that makes ``O`` (see above).
     learning_rate: a float or an optax schedule of the step count.
+    b1: decay of the momentum ``Mt`` came from (bias correction only; the
+      ``beta`` of ``orthogonalize_momentum``).
+    b2: decay of the squared-norm EMA, in ``[0, 1)``.
+    eps: non-negative term added to ``sqrt(v)``.
+    granularity: ``"matrix"`` or ``"input_feature"``.
+    step_size_transform: ``None``, or a transformation of the tree of step
+      sizes (``(batch, 1)`` or ``(batch, fan_in)`` arrays), such as
+      :func:`clamp_diagonal` or any optax transformation of arrays. It is
+      called with the extra argument ``matrix_step_sizes=True``.
     scale_coeff: NAMO's shape coefficient (``0.2`` in the reference).
     weight_decay: ``lambda``, non-negative. Needs ``params`` in ``update``.
     weight_decay_mode: ``"adaptive"`` or ``"decoupled"``.
-    weight_dimension_numbers: a dimension-numbers spec (``None``: 2-D leaves).
+    weight_dimension_numbers: a dimension-numbers spec (``None``: the
+      default routing), the same as ``direction``'s.
 
   Returns:
-    An ``optax.GradientTransformation``; its updates are plain arrays.
+    An ``optax.GradientTransformationExtraArgs``; its state
+    (:class:`ScaleByNormAdaptiveState`) holds the step sizes it applied.
 
   References:
     Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
-    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026.
+    with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
+    released code ``minxin-zhg/namo``.
   """
-  _check_non_negative("weight_decay", weight_decay)
-  _check_non_negative("scale_coeff", scale_coeff)
-  if weight_decay_mode not in ("adaptive", "decoupled"):
-    raise ValueError(
-      f"weight_decay_mode must be 'adaptive' or 'decoupled'; got {weight_decay_mode!r}."
-    )
+  validation.check_hyperparameters(locals())
+  validation.check_choice("granularity", granularity, ("matrix", "input_feature"))
+  validation.check_choice(
+    "weight_decay_mode", weight_decay_mode, ("adaptive", "decoupled")
+  )
+  direction = optax.with_extra_args_support(direction)
+  step_tx = optax.with_extra_args_support(step_size_transform or optax.identity())
+  per_feature = granularity == "input_feature"
+  decays = not (isinstance(weight_decay, int | float) and weight_decay == 0)
+  where = "scale_by_norm_adaptive"
 
   def init_fn(params):
-    del params
-    return ScaleByCappedStepState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    entries, treedef = _layouts(weight_dimension_numbers, updates, _is_update)
-    decays = not (isinstance(weight_decay, int | float) and weight_decay == 0)
-    if decays and params is None:
-      raise ValueError("scale_by_capped_step with weight_decay needs params.")
-    param_leaves = jax.tree.leaves(params) if decays else [None] * len(entries)
-    lr = _learning_rate(learning_rate, state.count)
-    outs = []
-    for (name, u, lay), p in zip(entries, param_leaves, strict=True):
-      if not _is_update(u) or u.step_size is None:
-        raise ValueError(
-          f"leaf {name!r}: scale_by_capped_step needs MatrixUpdate records with "
-          "a step size; put scale_by_norm_adaptive before it."
-        )
-      alpha = (lr * u.step_size)[:, :, None]
-      s = scale_coeff * max(lay.fan_in, lay.fan_out) ** 0.5
-      o = lay.to_matrices(u.direction.astype(jnp.float32))
-      delta = -jnp.minimum(alpha * s, 1.0) * o
-      if decays:
-        k = lay.to_matrices(p.astype(jnp.float32))
-        if weight_decay_mode == "adaptive":
-          shrink = jnp.minimum(weight_decay * jnp.minimum(alpha, 1.0), 1.0)
-        else:
-          shrink = lr * weight_decay
-        delta = delta - shrink * k
-      outs.append(lay.from_matrices(delta).astype(u.direction.dtype))
-    return jax.tree.unflatten(treedef, outs), ScaleByCappedStepState(
-      count=optax.safe_increment(state.count)
+    entries, treedef = _layouts(weight_dimension_numbers, params, where)
+    zeros = jax.tree.unflatten(
+      treedef,
+      [
+        jnp.zeros((lay.batch, lay.fan_in if per_feature else 1), stat_dtype(x.dtype))
+        for _, x, lay in entries
+      ],
+    )
+    direction_state = direction.init(params)
+    _statistics_of(direction_state)
+    return ScaleByNormAdaptiveState(
+      count=jnp.zeros([], jnp.int32),
+      nu=zeros,
+      step_size=zeros,
+      raw_step_size=zeros,
+      learning_rate=jnp.zeros([], jnp.float32),
+      direction_state=direction_state,
+      step_size_state=step_tx.init(zeros),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  def check_state(state, entries):
+    if not isinstance(state, ScaleByNormAdaptiveState):
+      raise ValueError(
+        f"{where}: expected a ScaleByNormAdaptiveState, got "
+        f"{type(state).__name__}; pass the state that init returned (called "
+        "init first?)."
+      )
+    for (name, _, lay), nu in zip(entries, jax.tree.leaves(state.nu), strict=True):
+      want = (lay.batch, lay.fan_in if per_feature else 1)
+      if tuple(nu.shape) != want:
+        raise ValueError(
+          f"{where}: leaf {name!r} has a second moment of shape "
+          f"{tuple(nu.shape)}, but granularity={granularity!r} keeps {want}; "
+          "pass the state that this optimizer's init returned (called init "
+          "first?)."
+        )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if decays and params is None:
+      raise ValueError(f"{where} with weight_decay needs params in update.")
+    check_state(state, _layouts(weight_dimension_numbers, updates, where)[0])
+    o_tree, direction_state = direction.update(
+      updates, state.direction_state, params, **extra_args
+    )
+    count = optax.safe_increment(state.count)
+    nu, raw = _norm_adaptive_step_sizes(
+      _statistics_of(direction_state), state.nu, count, b1, b2, eps, per_feature
+    )
+    d, step_state = step_tx.update(
+      raw, state.step_size_state, None, matrix_step_sizes=True
+    )
+    _check_step_sizes(d, raw)
+    lr = _learning_rate(learning_rate, state.count)
+    entries, treedef = _layouts(weight_dimension_numbers, o_tree, where)
+    ks = jax.tree.leaves(params) if decays else [None] * len(entries)
+    outs = [
+      _capped_step(o, k, lr * dd, lay, scale_coeff, weight_decay, weight_decay_mode, lr)
+      for (_, o, lay), k, dd in zip(entries, ks, jax.tree.leaves(d), strict=True)
+    ]
+    new_state = ScaleByNormAdaptiveState(
+      count=count,
+      nu=nu,
+      step_size=d,
+      raw_step_size=raw,
+      learning_rate=jnp.asarray(lr, jnp.float32),
+      direction_state=direction_state,
+      step_size_state=step_state,
+    )
+    return jax.tree.unflatten(treedef, outs), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_orth.routing import path_str
@@ -50,6 +51,90 @@ def check_positive(name: str, value) -> None:
   v = _concrete(value)
   if v is not None and not (v > 0 and math.isfinite(v)):
     raise ValueError(f"{name} must be positive and finite; got {name}={value}.")
+
+
+def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
+  """A constant learning rate must be finite and non-negative.
+
+  A negative constant would make every step point uphill, so it is refused;
+  schedules (callables) and traced values are not inspected.
+  """
+  v = _concrete(learning_rate)
+  if v is not None and not (math.isfinite(v) and v >= 0):
+    raise ValueError(
+      f"{name} must be a finite, non-negative number or a schedule; got "
+      f"{name}={learning_rate}."
+    )
+
+
+def check_positive_int(name: str, value, optional: bool = False) -> None:
+  """``value`` is a positive ``int`` (or ``None`` when ``optional``)."""
+  if value is None and optional:
+    return
+  if isinstance(value, jax.Array):
+    raise ValueError(
+      f"{name} must be a static int, got an array; under "
+      f"optax.inject_hyperparams pass static_args=({name!r},)."
+    )
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
+
+
+def check_float_dtype(name: str, dtype) -> None:
+  """``dtype`` is ``None`` or a floating-point (or complex) dtype."""
+  if dtype is None:
+    return
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{name} must be a dtype; got {name}={dtype!r}.") from None
+  if not jnp.issubdtype(dt, jnp.inexact):
+    raise ValueError(
+      f"{name} must be a floating-point dtype; got {name}={dt.name}, which "
+      "would truncate the values it holds."
+    )
+
+
+_UNIT = ("beta", "b1", "b2", "adam_b1", "adam_b2")
+_NON_NEGATIVE = (
+  "eps",
+  "ns_eps",
+  "adam_eps",
+  "adam_eps_root",
+  "weight_decay",
+  "adam_weight_decay",
+  "scale_coeff",
+  "clamp",
+)
+_POSITIVE = ("consistent_rms", "target_rms")
+_LEARNING_RATES = ("learning_rate", "adam_learning_rate")
+_DTYPES = ("mu_dtype", "ns_dtype")
+
+
+def check_hyperparameters(arguments: dict[str, Any]) -> None:
+  """Checks every hyperparameter in ``arguments`` (an alias's ``locals()``).
+
+  One rule per name: decays in ``[0, 1)``; epsilons, weight decays, the
+  clamp and ``scale_coeff`` non-negative; ``consistent_rms`` and
+  ``target_rms`` positive; constant learning rates finite and non-negative;
+  ``ns_steps`` a positive int; dtypes floating. ``None`` (an unset option)
+  and names without a rule are skipped.
+  """
+  for name, value in arguments.items():
+    if value is None:
+      continue
+    if name in _UNIT:
+      check_unit_interval(name, value)
+    elif name in _NON_NEGATIVE:
+      check_non_negative(name, value)
+    elif name in _POSITIVE:
+      check_positive(name, value)
+    elif name in _LEARNING_RATES:
+      check_learning_rate(value, name)
+    elif name in _DTYPES:
+      check_float_dtype(name, value)
+    elif name == "ns_steps":
+      check_positive_int(name, value)
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

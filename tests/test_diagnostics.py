@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 
 import optax_orth
 from optax_orth import diagnostics as dg
+from tests import reference_numpy as ref
 
 MDN = optax_orth.MuonDimensionNumbers
 
@@ -267,6 +269,7 @@ def simulate_namo(steps, per_feature, b1, b2, eps, clamp, lr, params=PARAMS):
           "step_size_cv": d.std() / d.mean(),
           "clamped_fraction": np.mean((d < lo) | (d > hi)),
           "mt": mt,
+          "d": np.clip(d, lo, hi),
         }
       else:
         result[k] = {"step_size": d, "alpha": lr * d, "mt": mt}
@@ -284,14 +287,16 @@ def run(tx, steps, jit=True):
 
 class StateMetricsTest(chex.TestCase):
   def test_namo_alpha(self):
-    # A schedule: alpha uses the learning rate of the step, lr(t - 1).
+    # Non-default hyperparameters, none of them given to the diagnostics, and
+    # a schedule: alpha uses the learning rate of the step, lr(t - 1).
     schedule = optax.linear_schedule(1e-2, 1e-3, 10)
     lr = float(schedule(3))
+    b1, b2, eps = 0.8, 0.5, 1e-3
     tx = dg.with_diagnostics(
-      optax_orth.namo(schedule, weight_decay=0.0), learning_rate=schedule
+      optax_orth.namo(schedule, b1=b1, b2=b2, eps=eps, weight_decay=0.0)
     )
     updates, state = run(tx, 4)
-    sim = simulate_namo(4, False, 0.95, 0.99, 1e-8, None, lr)
+    sim = simulate_namo(4, False, b1, b2, eps, None, lr)
     for k in ("hidden", "tall"):
       close(state.metrics["step_size"][k], [sim[k]["step_size"]], rtol=1e-4)
       close(state.metrics["alpha"][k], [sim[k]["alpha"]], rtol=1e-4)
@@ -310,13 +315,14 @@ class StateMetricsTest(chex.TestCase):
     assert "clamped_fraction" not in state.metrics
     assert "neuron_rms_cv" not in state.metrics
 
-  def test_namo_d_clamp_statistics(self):
-    lr, clamp = 1e-2, 0.9
-    tx = dg.with_diagnostics(
-      optax_orth.namo_d(lr, clamp=clamp), learning_rate=lr, clamp=clamp
-    )
-    _, state = run(tx, 5)
-    sim = simulate_namo(5, True, 0.95, 0.99, 1e-8, clamp, lr)
+  @parameterized.parameters(
+    {"lr": 1e-2, "b1": 0.95, "b2": 0.99, "eps": 1e-8, "clamp": 0.9},
+    {"lr": 3e-2, "b1": 0.8, "b2": 0.5, "eps": 1e-3, "clamp": 0.97},
+  )
+  def test_namo_d_clamp_statistics(self, lr, b1, b2, eps, clamp):
+    tx = dg.with_diagnostics(optax_orth.namo_d(lr, b1=b1, b2=b2, eps=eps, clamp=clamp))
+    updates, state = run(tx, 5)
+    sim = simulate_namo(5, True, b1, b2, eps, clamp, lr)
     for k in ("hidden", "tall"):
       for name in (
         "step_size",
@@ -326,30 +332,42 @@ class StateMetricsTest(chex.TestCase):
         "clamped_fraction",
       ):
         close(state.metrics[name][k], [sim[k][name]], rtol=1e-4)
+      # What was applied: row i of the update is -min(alpha_i s, 1) O[i, :].
+      fan_in, fan_out = PARAMS[k].shape
+      s = 0.2 * np.sqrt(max(fan_in, fan_out))
+      o = np.asarray(
+        jax.jit(optax_orth.newton_schulz)(jnp.asarray(sim[k]["mt"], jnp.float32))
+      )
+      k_decay = 0.1 * np.minimum(lr * sim[k]["d"], 1.0)[:, None] * np.asarray(PARAMS[k])
+      want = -np.minimum(lr * sim[k]["d"] * s, 1.0)[:, None] * o - k_decay
+      close(np.asarray(updates[k]), want, rtol=2e-3, atol=1e-6)
     # The test exercises the clamp (otherwise the fraction check is vacuous).
     assert sim["hidden"]["clamped_fraction"] > 0
 
   def test_normuon_second_moment_spread(self):
-    _, state = run(dg.with_diagnostics(optax_orth.normuon()), 3)
-    found = dg._find_states(state.inner_state, optax_orth.ScaleByNeuronRmsState)
-    assert len(found) == 1
-    nu = found[0].nu
+    b1, b2 = 0.8, 0.6
+    _, state = run(dg.with_diagnostics(optax_orth.normuon(0.01, b1=b1, b2=b2)), 3)
     for k in ("hidden", "tall"):
-      rho = np.sqrt(np.asarray(nu[k], np.float64))[0]
-      close(state.metrics["neuron_rms_max_min"][k], [rho.max() / rho.min()])
-      close(state.metrics["neuron_rms_cv"][k], [rho.std() / rho.mean()])
+      rule = ref.NorMuon(0.01, b1=b1, b2=b2)
+      p = np.asarray(PARAMS[k], np.float64)
+      for t in range(1, 4):
+        p = rule.step(p, np.asarray(grads_at(t, PARAMS)[k], np.float64))
+      rho = np.sqrt(rule.v)
+      close(state.metrics["neuron_rms_max_min"][k], [rho.max() / rho.min()], rtol=1e-4)
+      close(state.metrics["neuron_rms_cv"][k], [rho.std() / rho.mean()], rtol=1e-4)
       assert float(state.metrics["neuron_rms_max_min"][k][0]) > 1.0
     assert "step_size" not in state.metrics
+
+  def test_diagnostics_take_no_optimizer_hyperparameters(self):
+    with pytest.raises(TypeError):
+      dg.with_diagnostics(optax_orth.namo_d(), learning_rate=1e-2)
 
   def test_stacked_leaves(self):
     params = {"layers": jnp.asarray(rand((3, 4, 5), seed=30))}
     spec = {"layers": MDN(reduction_axis=1, output_axis=2)}
     lr, clamp = 1e-2, 0.9
     tx = dg.with_diagnostics(
-      optax_orth.namo_d(lr, clamp=clamp, weight_dimension_numbers=spec),
-      spec,
-      learning_rate=lr,
-      clamp=clamp,
+      optax_orth.namo_d(lr, clamp=clamp, weight_dimension_numbers=spec), spec
     )
     state = tx.init(params)
     step = jax.jit(tx.update)
@@ -365,14 +383,13 @@ class StateMetricsTest(chex.TestCase):
       for name in ("orthogonality_error", "neuron_norm_cv"):
         close(state.metrics[name]["layers"][k], want[name], rtol=1e-4)
 
-  def test_mismatched_spec_names_the_leaf(self):
+  def test_state_of_other_parameters_names_the_leaf(self):
     params = {"layers": jnp.ones((3, 4, 5))}
     spec = {"layers": MDN(reduction_axis=1, output_axis=2)}
     inner = optax_orth.namo_d(1e-2, weight_dimension_numbers=spec)
     state = inner.init(params)
-    wrong = {"layers": MDN(reduction_axis=2, output_axis=1)}
     with pytest.raises(ValueError, match="'layers'"):
-      dg.state_metrics(params, state, wrong)
+      dg.state_metrics({"other": jnp.ones((3, 4, 5))}, state)
 
 
 # ---------------------------------------------------------------------------
@@ -431,18 +448,20 @@ class WrapperTest(chex.TestCase):
         rtol=1e-4,
       )
 
-  def test_record_inside_a_partition_with_records(self):
-    # MatrixUpdate records and masked (Adam) leaves pass through.
+  def test_record_inside_the_namo_direction_and_a_partition(self):
+    # Masked (Adam) leaves pass through; record sees the Newton-Schulz output.
     spec = optax_orth.route_by_path()
     tx = optax.partition(
       {
-        "orthogonal": optax.chain(
-          optax_orth.orthogonalize_momentum(
-            statistics=True, weight_dimension_numbers=spec
+        "orthogonal": optax_orth.scale_by_norm_adaptive(
+          optax.chain(
+            optax_orth.orthogonalize_momentum(
+              statistics=True, weight_dimension_numbers=spec
+            ),
+            dg.record(spec),
           ),
-          dg.record(spec),
-          optax_orth.scale_by_norm_adaptive(weight_dimension_numbers=spec),
-          optax_orth.scale_by_capped_step(1e-2, weight_dimension_numbers=spec),
+          1e-2,
+          weight_dimension_numbers=spec,
         ),
         "adam": optax.adam(1e-3),
       },

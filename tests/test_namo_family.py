@@ -141,57 +141,60 @@ class SpecificationTest(parameterized.TestCase):
 
 
 class BlocksTest(chex.TestCase):
-  def _record(self, shape=(6, 10), seed=0):
-    rng = np.random.default_rng(seed)
-    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    tx = optax_orth.orthogonalize_momentum(statistics=True)
-    updates, _ = tx.update({"w": g}, tx.init({"w": g}))
-    return updates
-
   def test_statistics_are_row_norms_of_gradient_and_momentum(self):
     rng = np.random.default_rng(0)
     g = rng.standard_normal((6, 10)).astype(np.float32)
     tx = optax_orth.orthogonalize_momentum(0.9, statistics=True)
-    u, _ = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.asarray(g)}))
+    u, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.asarray(g)}))
     mt = 0.1 * g + 0.9 * (0.1 * g)  # Nesterov direction after one step
-    np.testing.assert_allclose(u["w"].grad_sq_norms[0], (g * g).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(u["w"].momentum_sq_norms[0], (mt * mt).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(u["w"].direction, ref.ns(mt), atol=2e-5)
+    stats = state.statistics
+    np.testing.assert_allclose(stats.grad_sq_norms["w"][0], (g * g).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(
+      stats.momentum_sq_norms["w"][0], (mt * mt).sum(1), rtol=1e-5
+    )
+    np.testing.assert_allclose(u["w"], ref.ns(mt), atol=2e-5)
+
+  def test_updates_are_parameter_shaped_arrays_between_blocks(self):
+    params = _initial_params()
+    tx = optax_orth.orthogonalize_momentum(
+      statistics=True, weight_dimension_numbers=DIMS
+    )
+    u, _ = tx.update(params, tx.init(params))
+    chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
 
   @parameterized.parameters(0.0, 1.5)
   def test_clamp_disabled(self, c):
     d = jnp.asarray([[0.1, 1.0, 10.0]])
-    rec = optax_orth.MatrixUpdate(jnp.zeros((3, 2)), d, d, step_size=d)
-    out, _ = optax_orth.clamp_diagonal(c).update({"w": rec}, ())
-    np.testing.assert_array_equal(out["w"].step_size, d)
+    out, _ = optax_orth.clamp_diagonal(c).update({"w": d}, (), matrix_step_sizes=True)
+    np.testing.assert_array_equal(out["w"], d)
 
   def test_clamp_one_gives_the_mean(self):
     d = jnp.asarray([[0.1, 1.0, 10.0], [1.0, 2.0, 3.0]])
-    rec = optax_orth.MatrixUpdate(jnp.zeros((2, 3, 2)), d, d, step_size=d)
-    out, _ = optax_orth.clamp_diagonal(1.0).update({"w": rec}, ())
+    out, _ = optax_orth.clamp_diagonal(1.0).update({"w": d}, (), matrix_step_sizes=True)
     expected = np.repeat(np.asarray(d).mean(1, keepdims=True), 3, 1)
-    np.testing.assert_allclose(out["w"].step_size, expected, rtol=1e-6)
+    np.testing.assert_allclose(out["w"], expected, rtol=1e-6)
 
   def test_clamp_leaves_non_finite_or_zero_mean_alone(self):
     d = jnp.asarray([[0.0, 0.0, 0.0], [1.0, jnp.inf, 2.0]])
-    rec = optax_orth.MatrixUpdate(jnp.zeros((2, 3, 2)), d, d, step_size=d)
-    out, _ = optax_orth.clamp_diagonal(0.5).update({"w": rec}, ())
-    np.testing.assert_array_equal(out["w"].step_size, d)
+    out, _ = optax_orth.clamp_diagonal(0.5).update({"w": d}, (), matrix_step_sizes=True)
+    np.testing.assert_array_equal(out["w"], d)
 
   def test_normuon_normalization_on_namo_d_diagonal(self):
     """A variant built from public blocks: NorMuon's normalization under NAMO-D."""
     grads = _scaled_gradients(12, seed=5)
     params = _initial_params()
-    tx = optax.chain(
-      optax_orth.orthogonalize_momentum(statistics=True, weight_dimension_numbers=DIMS),
-      optax_orth.scale_by_neuron_rms(weight_dimension_numbers=DIMS),
-      optax_orth.scale_by_norm_adaptive(
-        granularity="input_feature", weight_dimension_numbers=DIMS
+    tx = optax_orth.scale_by_norm_adaptive(
+      optax.chain(
+        optax_orth.orthogonalize_momentum(
+          statistics=True, weight_dimension_numbers=DIMS
+        ),
+        optax_orth.scale_by_neuron_rms(weight_dimension_numbers=DIMS),
       ),
-      optax_orth.clamp_diagonal(0.75),
-      optax_orth.scale_by_capped_step(
-        0.01, weight_decay=0.1, weight_dimension_numbers=DIMS
-      ),
+      0.01,
+      granularity="input_feature",
+      step_size_transform=optax_orth.clamp_diagonal(0.75),
+      weight_decay=0.1,
+      weight_dimension_numbers=DIMS,
     )
     ours = _run_optax(tx, params, grads)
 
@@ -205,24 +208,31 @@ class BlocksTest(chex.TestCase):
     _assert_trajectories_close(ours, theirs)
 
   def test_norm_adaptive_needs_statistics(self):
-    tx = optax_orth.scale_by_norm_adaptive()
+    tx = optax_orth.scale_by_norm_adaptive(optax_orth.orthogonalize_momentum(), 0.01)
     params = {"w": jnp.ones((3, 4))}
-    with self.assertRaisesRegex(ValueError, "'w'.*statistics=True"):
+    with self.assertRaisesRegex(ValueError, "orthogonalize_momentum.statistics=True"):
+      tx.init(params)
+
+  def test_clamp_refuses_parameter_updates(self):
+    params = {"w": jnp.ones((3, 4))}
+    tx = optax.chain(
+      optax_orth.orthogonalize_momentum(), optax_orth.clamp_diagonal(0.75)
+    )
+    with self.assertRaisesRegex(ValueError, "clamp_diagonal.*step_size_transform"):
       tx.update(params, tx.init(params))
 
-  def test_clamp_needs_step_size(self):
-    rec = self._record()
-    with self.assertRaisesRegex(ValueError, "'w'.*scale_by_norm_adaptive"):
-      optax_orth.clamp_diagonal().update(rec, ())
-
-  def test_capped_step_needs_params_for_decay(self):
-    tx = optax_orth.scale_by_capped_step(0.1, weight_decay=0.1)
-    rec = self._record()
-    rec = {"w": rec["w"]._replace(step_size=jnp.ones((1, 1)))}
+  def test_norm_adaptive_needs_params_for_decay(self):
+    tx = optax_orth.scale_by_norm_adaptive(
+      optax_orth.orthogonalize_momentum(statistics=True), 0.1, weight_decay=0.1
+    )
+    params = {"w": jnp.ones((3, 4))}
     with self.assertRaisesRegex(ValueError, "needs params"):
-      tx.update(rec, tx.init(None))
+      tx.update(params, tx.init(params))
 
-  def test_state_is_muon_plus_one_vector_per_matrix(self):
+  def test_state_is_muon_plus_a_few_vectors_per_matrix(self):
+    # NAMO: v, d and d before the step-size transform, one value per matrix
+    # (NAMO-D: per input feature), and the two per-input-feature statistics of
+    # orthogonalize_momentum; NorMuon: one vector per neuron.
     params = {n: jnp.zeros(s) for n, s in SHAPES.items()}
     sizes = {}
     for name, tx in {
@@ -237,9 +247,10 @@ class BlocksTest(chex.TestCase):
     fan_in = {"wide": 32, "tall": 48, "stacked": 24}
     fan_out = {"wide": 48, "tall": 32, "stacked": 40}
     assert sizes["muon"] <= n_params + 4  # momentum and counts
-    assert sizes["namo"] - sizes["muon"] <= sum(matrices.values()) + 4
+    stats = sum(2 * matrices[n] * fan_in[n] for n in SHAPES)
+    assert sizes["namo"] - sizes["muon"] <= stats + 3 * sum(matrices.values()) + 4
     assert sizes["namo_d"] - sizes["muon"] <= (
-      sum(matrices[n] * fan_in[n] for n in SHAPES) + 4
+      stats + 3 * sum(matrices[n] * fan_in[n] for n in SHAPES) + 4
     )
     assert sizes["normuon"] - sizes["muon"] <= (
       sum(matrices[n] * fan_out[n] for n in SHAPES) + 4

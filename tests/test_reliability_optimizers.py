@@ -160,7 +160,10 @@ def test_non_finite_value_stays_in_its_leaf(name, bad):
   assert np.isnan(np.asarray(u_bad["w"])).any()
   for k in ("v", "b"):
     np.testing.assert_array_equal(u_bad[k], u_good[k])
-  mu = state_bad.inner_states["orthogonal"].inner_state[0].mu
+  (momentum,) = optax_orth.transforms.find_states(
+    state_bad, optax_orth.OrthogonalizeMomentumState
+  )
+  mu = momentum.mu
   assert not np.all(np.isfinite(mu["w"])) and np.all(np.isfinite(mu["v"]))
 
 
