@@ -1,10 +1,35 @@
-"""Orthogonalizers: maps from a (batch of) matrices to their polar factors.
+r"""Orthogonalizers: maps from a (batch of) matrices to their polar factors.
 
 An orthogonalizer is any function ``f(x) -> y`` that takes an array of shape
 ``(..., m, n)`` and returns an array of the same shape and dtype whose trailing
-matrices approximate the polar factor ``U V^T`` of ``x = U S V^T``. The
+matrices approximate the polar factor ``U V^H`` of ``x = U S V^H``. The
 transformations in :mod:`optax_orth.transforms` accept any such function, so
 users can plug in their own.
+
+**Gram form.** Each Newton–Schulz step factor ``P_k = a I + b R_k + c R_k^2``
+is a polynomial in ``R_0 = X_0 X_0^H``, so
+
+.. math::
+  X_k = Q_k X_0, \quad Q_{k+1} = P_k Q_k, \quad R_{k+1} = P_k R_k P_k,
+
+and ``X`` (``r x c``, ``r <= c``) is touched twice per segment (``R_0 = X
+X^H`` and ``X <- Q X``) instead of twice per step: ``4 r^2 c`` per segment
+plus ``8 r^3`` per step (less ``6 r^3`` per segment), against ``4 r^2 c + 2
+r^3`` per plain step. Every ``restart`` steps the segment ends, ``X`` and
+``R`` are re-formed from scratch and ``Q`` is reset, which bounds the growth
+of rounding errors in ``R`` and ``Q``.
+
+**Low precision.** With a bfloat16 or float16 compute dtype, ``X`` is stored
+and every product reads its operands in that dtype, but products accumulate
+in float32 (``preferred_element_type``) and everything else is float32: the
+``r x r`` matrices ``A``, ``R``, ``P``, ``Q``, the coefficients (never rounded
+to bfloat16) and the axpy ``a X + B X``. The normalization is computed from
+the input before it is rounded. This is the product that runs at a CPU's or
+GPU's bfloat16 rate, and the iteration is as accurate as bfloat16 storage of
+``X`` allows.
+
+**Complex inputs** use conjugate transposes throughout (``A = X X^H``) and
+converge to the unitary polar factor, as ``optax.contrib.muon`` does.
 """
 
 from __future__ import annotations
@@ -235,6 +260,19 @@ def _mirror(top: jax.Array, bottom_right: jax.Array, h: int) -> jax.Array:
   return jnp.concatenate([top, jnp.concatenate([bottom_left, bottom_right], -1)], -2)
 
 
+class _Sym(NamedTuple):
+  """Which products are formed from their upper half (see ``symmetric``)."""
+
+  gram: bool  # X X^H, Hermitian in any arithmetic
+  products: bool  # A^2 and the r x r Gram-form products, Hermitian in exact one
+
+
+def _resolve_symmetric(symmetric: bool | None, low_precision: bool) -> _Sym:
+  if symmetric is None:
+    return _Sym(gram=low_precision, products=False)
+  return _Sym(bool(symmetric), bool(symmetric))
+
+
 def _product(a, b, arith: _Arith, symmetric: bool = False) -> jax.Array:
   """``a @ b``; with ``symmetric``, for a product known to be Hermitian.
 
@@ -288,7 +326,7 @@ def _power_of_two_scale(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)  # 2^-e
 
 
-def _normalize(x, preconditioning, eps, safety, arith: _Arith, symmetric: bool):
+def _normalize(x, preconditioning, eps, safety, arith: _Arith, symmetric: _Sym):
   r"""The first stage: ``X / (||X|| \cdot safety + eps)``, or a preconditioning.
 
   ``x`` is first scaled by a power of two ``s`` (exact; ``eps`` scaled to
@@ -303,14 +341,21 @@ def _normalize(x, preconditioning, eps, safety, arith: _Arith, symmetric: bool):
   wide = jnp.promote_types(x.dtype, jnp.float32)
   scale = _power_of_two_scale(x)
   if preconditioning in ("frobenius", "spectral"):
-    x = x.astype(wide) * scale.astype(wide)
+    scaled = x.astype(wide) * scale.astype(wide)
     if preconditioning == "frobenius":
-      norm = jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+      norm = jnp.linalg.norm(scaled, axis=(-2, -1), keepdims=True)
     else:
-      norm = jnp.linalg.norm(x, ord=2, axis=(-2, -1))[..., None, None]
-    return _safe_divide(x, norm * safety + eps * scale).astype(arith.operand), None
+      norm = jnp.linalg.norm(scaled, ord=2, axis=(-2, -1))[..., None, None]
+    denom = norm * safety + eps * scale
+    if not arith.low_precision:
+      return _safe_divide(scaled, denom).astype(arith.operand), None
+    # x * (s / denom), with s / denom one scalar per matrix: a single pass
+    # over x (the scaled copy is then read by the norm alone, and XLA fuses
+    # it into the reduction instead of writing it out).
+    inv = jnp.where(denom > 0, scale / jnp.where(denom > 0, denom, 1), 0)
+    return (x.astype(wide) * inv.astype(wide)).astype(arith.operand), None
   x = (x.astype(wide) * scale.astype(wide)).astype(arith.operand)
-  a = _gram(x, arith, symmetric)
+  a = _gram(x, arith, symmetric.gram)
   real = jnp.finfo(arith.carry).dtype
   scaled_eps = (eps * scale * scale).astype(real)
   if preconditioning == "aol":
@@ -330,17 +375,17 @@ def _normalize(x, preconditioning, eps, safety, arith: _Arith, symmetric: bool):
 # The iterations.
 
 
-def _ns_step(x, a, row, arith: _Arith, symmetric: bool = False) -> jax.Array:
+def _ns_step(x, a, row, arith: _Arith, symmetric: _Sym) -> jax.Array:
   r"""One quintic step ``a_0 X + (a_1 A + a_2 A^2) X`` with ``A = X X^H``.
 
   ``A`` and the result are in the carry dtype; the coefficients multiply
   carry-dtype values, so they are never rounded to the operand dtype.
   """
-  b = row[1] * a + row[2] * _product(a, a, arith, symmetric)
+  b = row[1] * a + row[2] * _product(a, a, arith, symmetric.products)
   return row[0] * x.astype(arith.carry) + _dot(b, x, arith)
 
 
-def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: bool):
+def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: _Sym):
   """The plain iteration; ``X`` is rounded to the operand dtype between steps."""
   n = len(rows)
   if first is not None:
@@ -350,7 +395,7 @@ def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: bool):
       x = x.astype(arith.operand)
 
   def step(x, row, last=False):
-    y = _ns_step(x, _gram(x, arith, symmetric), row, arith, symmetric)
+    y = _ns_step(x, _gram(x, arith, symmetric.gram), row, arith, symmetric)
     return y if last else y.astype(arith.operand)
 
   if unroll or n <= 1:
@@ -362,13 +407,15 @@ def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: bool):
   return x
 
 
-def _poly(r: jax.Array, row, arith: _Arith, symmetric: bool) -> jax.Array:
+def _poly(r: jax.Array, row, arith: _Arith, symmetric: _Sym) -> jax.Array:
   """``p(R) = a I + b R + c R^2`` for a Hermitian ``R`` (one product)."""
   eye = jnp.eye(r.shape[-1], dtype=r.dtype)
-  return (row[1] * r + row[2] * _product(r, r, arith, symmetric)) + row[0] * eye
+  return (row[1] * r + row[2] * _product(r, r, arith, symmetric.products)) + (
+    row[0] * eye
+  )
 
 
-def _gram_segment(x, r, rows, arith: _Arith, unroll: bool, symmetric: bool):
+def _gram_segment(x, r, rows, arith: _Arith, unroll: bool, symmetric: _Sym):
   """Runs ``len(rows)`` Newton–Schulz steps on the Gram matrix ``r = x x^H``.
 
   With ``P_k = p_k(R_k)`` (every matrix here is a polynomial in ``R_0``, so all
@@ -378,7 +425,7 @@ def _gram_segment(x, r, rows, arith: _Arith, unroll: bool, symmetric: bool):
   """
 
   def mm(a, b):
-    return _product(a, b, arith, symmetric)
+    return _product(a, b, arith, symmetric.products)
 
   p = _poly(r, rows[0], arith, symmetric)
   q = p
@@ -405,15 +452,15 @@ def _gram_iteration(x, rows, first, restart, arith, unroll, symmetric):
     if start == 0 and first is not None:
       x, r = first
     else:
-      r = _gram(x, arith, symmetric)
+      r = _gram(x, arith, symmetric.gram)
     x = _gram_segment(x, r, rows[start : start + restart], arith, unroll, symmetric)
   return x
 
 
-def _gram_saves_work(r: int, c: int, rows: int, restart: int, symmetric: bool) -> bool:
-  kw = dict(restart=restart, symmetric=symmetric)
-  plain = newton_schulz_flops((r, c), rows, method="plain", **kw).total
-  return newton_schulz_flops((r, c), rows, method="gram", **kw).total < plain
+def _gram_saves_work(r: int, c: int, rows: int, restart: int, symmetric: _Sym) -> bool:
+  pre = "frobenius"
+  plain = sum(_count_flops(r, c, rows, "plain", restart, pre, symmetric))
+  return sum(_count_flops(r, c, rows, "gram", restart, pre, symmetric)) < plain
 
 
 def _coefficient_rows(rows: np.ndarray, arith: _Arith, unroll: bool):
@@ -435,7 +482,7 @@ def newton_schulz(
   unroll: bool = True,
   method: Method = "auto",
   restart: int | None = None,
-  symmetric: bool = False,
+  symmetric: bool | None = None,
 ) -> jax.Array:
   r"""Approximates the polar factor of each trailing matrix by Newton–Schulz.
 
@@ -447,35 +494,13 @@ def newton_schulz(
   .. math::
     A = X X^H, \qquad X \leftarrow a X + (b A + c A^2) X,
 
-  with ``X^H`` the conjugate transpose (the transpose for real ``X``; complex
-  inputs converge to the unitary polar factor ``U V^H``, as in
-  ``optax.contrib.muon``).
-
-  ``method="plain"`` runs exactly that: ``4 r^2 c + 2 r^3`` FLOPs a step.
-  ``method="gram"`` runs the same iteration on the ``r x r`` Gram matrix.
-  Each step's factor ``P_k = a I + b R_k + c R_k^2`` is a polynomial in
-  ``R_0 = X_0 X_0^H``, so
-
-  .. math::
-    X_k = Q_k X_0, \quad Q_{k+1} = P_k Q_k, \quad R_{k+1} = P_k R_k P_k,
-
-  and ``X`` is touched twice per segment (``R_0 = X X^H`` and ``X <- Q X``)
-  instead of twice per step: ``4 r^2 c`` per segment plus ``8 r^3`` per step
-  (less ``6 r^3`` per segment). Every ``restart`` steps the segment ends,
-  ``X`` and ``R`` are re-formed from scratch and ``Q`` is reset, which bounds
-  the growth of rounding errors in ``R`` and ``Q``. In exact arithmetic both
-  methods give the same result. ``method="auto"`` (default) uses the Gram form
-  when :func:`newton_schulz_flops` counts fewer FLOPs for it (about
-  ``c > 1.5 r`` at 5 steps, for every restart period), otherwise the plain one.
-
-  **Low precision.** With a bfloat16 or float16 compute dtype, ``X`` is
-  stored and every product reads its operands in that dtype, but products
-  accumulate in float32 (``preferred_element_type``), and everything else is
-  float32: the Gram-side ``r x r`` matrices ``A``, ``R``, ``P``, ``Q``, the
-  coefficients (never rounded to bfloat16) and the axpy ``a X + B X``. The
-  normalization is computed from the input before it is rounded. This is the
-  product that runs at a CPU's or GPU's bfloat16 rate, and the iteration is
-  as accurate as bfloat16 storage of ``X`` allows.
+  with ``X^H`` the conjugate transpose (complex inputs are supported).
+  ``method="plain"`` runs exactly that, ``4 r^2 c + 2 r^3`` FLOPs a step;
+  ``method="gram"`` the same iteration on the ``r x r`` Gram matrix (see the
+  module docstring), equal in exact arithmetic; ``method="auto"`` (default)
+  the Gram form where :func:`newton_schulz_flops` counts fewer FLOPs for it
+  (about ``c > 1.5 r`` at 5 steps). A bfloat16 ``dtype`` reads products in
+  bfloat16 and does everything else, coefficients included, in float32.
 
   The iteration commutes with transposition, so ``NS(X.T) == NS(X).T``, and
   the normalization makes it invariant to scaling ``X`` by a positive constant
@@ -510,7 +535,9 @@ def newton_schulz(
       for the compute dtype). Unused by the plain method.
     symmetric: compute the products known to be Hermitian (``X X^H``,
       ``A^2``, and in the Gram form every ``r x r`` product) from their upper
-      half, 3/4 of their FLOPs, and mirror the rest.
+      half, 3/4 of their FLOPs, and mirror the rest. ``None`` (default): only
+      ``X X^H``, and only for a bfloat16 or float16 compute dtype, where it
+      was measured faster (see ``docs/benchmarks.md``).
 
   Returns:
     The orthogonalized array, same shape and dtype as ``x``.
@@ -540,6 +567,7 @@ def newton_schulz(
   if not jnp.issubdtype(in_dtype, jnp.inexact):
     raise ValueError(f"newton_schulz needs a floating-point array; got {in_dtype}.")
   arith = _arith(in_dtype, dtype)
+  symmetric = _resolve_symmetric(symmetric, arith.low_precision)
   if x.size == 0:
     return jnp.zeros(x.shape, in_dtype)
   transposed = x.shape[-2] > x.shape[-1]
@@ -671,7 +699,7 @@ def newton_schulz_flops(
   method: Method = "auto",
   restart: int | None = None,
   preconditioning: Preconditioning = "frobenius",
-  symmetric: bool = False,
+  symmetric: bool | None = None,
   dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> NewtonSchulzFlops:
   """Exact FLOP count of :func:`newton_schulz` on an array of ``shape``.
@@ -700,8 +728,10 @@ def newton_schulz_flops(
       or ``"gram"``.
     restart: Gram steps per segment (``None``: the default for ``dtype``).
     preconditioning: as in :func:`newton_schulz`.
-    symmetric: as in :func:`newton_schulz`.
-    dtype: compute dtype; only selects the default ``restart``.
+    symmetric: as in :func:`newton_schulz` (``None``: the default for
+      ``dtype``).
+    dtype: compute dtype; selects the defaults of ``restart`` and
+      ``symmetric``.
 
   Returns:
     A :class:`NewtonSchulzFlops` (``matmul``, ``elementwise``, ``total``).
@@ -716,17 +746,24 @@ def newton_schulz_flops(
   r, c = sorted(int(d) for d in shape[-2:])
   if restart is None:
     restart = default_restart(dtype)
+  low_precision = jnp.dtype(dtype).itemsize == 2  # bfloat16, float16
+  sym = _resolve_symmetric(symmetric, low_precision)
   if method == "auto":
-    gram_wins = _gram_saves_work(r, c, n_steps, restart, symmetric)
-    method = "gram" if gram_wins else "plain"
-  xxt = _product_flops(r, c, symmetric)  # X X^T
-  rrr = _product_flops(r, r, symmetric)  # a symmetric r x r product
+    method = "gram" if _gram_saves_work(r, c, n_steps, restart, sym) else "plain"
+  mm, ew = _count_flops(r, c, n_steps, method, restart, preconditioning, sym)
+  return NewtonSchulzFlops(matmul=batch * mm, elementwise=batch * ew)
+
+
+def _count_flops(r, c, n_steps, method, restart, preconditioning, sym: _Sym):
+  """``(matmul, elementwise)`` FLOPs for one ``r x c`` matrix (``r <= c``)."""
+  xxt = _product_flops(r, c, sym.gram)  # X X^H
+  rrr = _product_flops(r, r, sym.products)  # a Hermitian r x r product
   mm = ew = 0
   if preconditioning in ("frobenius", "spectral"):
     ew += 3 * r * c if preconditioning == "frobenius" else r * c
     pre_gram = False
   else:
-    # A = X X^T; the scale (AOL: |A| summed per row, rsqrt; Schatten: ||A||_F);
+    # A = X X^H; the scale (AOL: |A| summed per row, rsqrt; Schatten: ||A||_F);
     # X * s; A * s * s^T.
     mm += xxt
     ew += r * c + 4 * r * r + (r if preconditioning == "aol" else 0)
@@ -745,4 +782,4 @@ def newton_schulz_flops(
       # m products R^2; per later step P R, (P R) P, P Q; then Q X.
       mm += m * rrr + (m - 1) * 3 * rrr + 2 * r * r * c
       ew += m * 4 * r * r
-  return NewtonSchulzFlops(matmul=batch * mm, elementwise=batch * ew)
+  return mm, ew
