@@ -165,7 +165,9 @@ def main(argv=None):
   shapes = tree_shapes(args.layers, args.width)
   rng = np.random.default_rng(0)
   params_np = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
-  grads_np = {k: 0.01 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+  grads_np = {
+    k: 0.01 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()
+  }
   params = {k: jnp.asarray(v) for k, v in params_np.items()}
   grads = {k: jnp.asarray(v) for k, v in grads_np.items()}
   lr = 1e-3
@@ -183,7 +185,9 @@ def main(argv=None):
   step_times = time_interleaved(steps, args.repeats)
   mm_times = time_interleaved(matmul_fns(torch, args.matmul), args.repeats)
   mm_flops = 2 * args.matmul**3
-  rates = {k: {"gflops_per_s_best": mm_flops / v["min_s"] / 1e9} for k, v in mm_times.items()}
+  rates = {
+    k: {"gflops_per_s_best": mm_flops / v["min_s"] / 1e9} for k, v in mm_times.items()
+  }
   torch_best = step_times["torch.optim.Muon"]["min_s"]
   f32_best = step_times["optax_orth.muon"]["min_s"]
   for name, st in step_times.items():
