@@ -263,10 +263,24 @@ def test_compare_grids_parse():
   assert job.lr_grids["namo"] == list(compare.PRESETS["smoke"]["lr_grids"]["namo"])
   assert job.clamp_grid == [0.12, 0.9]
   assert compare.CLAMP_GRID == (0.12, 0.4, 0.75, 0.9)  # the NAMO paper's values
+  # NAMO-D: stage 1 is its lr grid at one clamp (0.75 if in the grid, else the
+  # middle value); stage 2 the other clamps at the lr chosen in stage 1.
   plan = compare.plan_runs(job, None)
   namo_d = [p for name, _, pts in plan if name == "namo_d" for p in pts]
-  assert len(namo_d) == len(job.lr_grids["namo_d"]) * 2  # lr x clamp
-  assert {s for _, _, s in namo_d} == {100}  # the sweep seed, not a final one
+  assert namo_d == [(lr, 0.9, 100) for lr in job.lr_grids["namo_d"]]
+  assert all(s == 100 for _, pts in [(n, p) for n, _, p in plan] for *_, s in pts)
+  fake = [
+    {"phase": "sweep", "optimizer": "namo_d", "lr": lr, "clamp": c, "seed": s,
+     "final_val_loss": abs(lr - job.lr_grids["namo_d"][1])}
+    for lr, c, s in namo_d
+  ]  # fmt: skip
+  stage2 = compare.plan_runs(job, None, stage=2, results=fake)
+  assert stage2 == [("namo_d", "sweep", [(job.lr_grids["namo_d"][1], 0.12, 100)])]
+  full = compare.parse([*argv, "--clamp-grid", "0.9,0.12", "--full-clamp-grid"])
+  namo_d = [
+    p for n, _, pts in compare.plan_runs(full, None) if n == "namo_d" for p in pts
+  ]
+  assert len(namo_d) == 2 * len(full.lr_grids["namo_d"])  # every (lr, clamp)
   # The default run: a one-value grid sets the learning rate.
   job = compare.parse(["--preset", "smoke", "--lr-grid", "muon=0.03"])
   settings, _, _ = compare.resolve_settings(job)
@@ -402,8 +416,8 @@ def test_compare_sweep_final_and_resume(tmp_path, capsys):
   out = tmp_path / "job"
   argv = ["--preset", "smoke", "--data", str(corpus), "--out", str(out)]
   argv += ["--no-progress", "--seeds", "2", "--lockstep", "2"]
-  grids = ["--lr-grid", "adamw=0.003,0.006", "--lr-grid", "namo_d=0.01"]
-  grids += ["--clamp-grid", "0.4,0.75"]
+  grids = ["--lr-grid", "adamw=0.003,0.006", "--lr-grid", "namo_d=0.01,0.02"]
+  grids += ["--clamp-grid", "0.12,0.4,0.75"]
   res = compare.main(
     [*argv, "--optimizers", "adamw,namo_d", "--sweep", "--and-final", *grids]
   )
@@ -420,7 +434,12 @@ def test_compare_sweep_final_and_resume(tmp_path, capsys):
   assert {r["seed"] for r in results if r["phase"] == "final"} == {0, 1}
   assert {r["seed"] for r in results if r["phase"] == "sweep"} == {100}
   sweep = json.loads((out / "sweep.json").read_text())
-  assert sweep["sweep"]["namo_d"]["grid"]["clamp"] == [0.4, 0.75]
+  assert sweep["sweep"]["namo_d"]["grid"]["clamp"] == [0.12, 0.4, 0.75]
+  stage2 = [
+    r for r in results
+    if (r["phase"], r["optimizer"]) == ("sweep", "namo_d") and r["clamp"] != 0.75
+  ]  # fmt: skip
+  assert len({r["lr"] for r in stage2}) == 1 and len(stage2) == 2
   assert "--sweep" in sweep["command"] and sweep["machine"]
   table = (out / "table.md").read_text()
   assert "| AdamW |" in table and "| NAMO-D |" in table and "95 % interval" in table

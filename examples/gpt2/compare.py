@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     "the final runs",
   )
   parser.add_argument(
+    "--full-clamp-grid",
+    action="store_true",
+    help="sweep NAMO-D over every (lr, clamp) pair; default: its lr grid at clamp "
+    "0.75, then every clamp of the grid at the lr chosen there",
+  )
+  parser.add_argument(
     "--and-final",
     action="store_true",
     help="with --sweep: then train the final runs at the sweep's choices, in the "
@@ -498,10 +504,17 @@ class Progress:
       except ImportError:
         self.bar = None
     self.desc = ""
+    self.next_run = 1
 
-  def start_group(self, first_run: int, n: int, what: str) -> None:
-    last = first_run + n - 1
-    runs = f"run {first_run}" if n == 1 else f"runs {first_run}-{last}"
+  def write(self, msg: str) -> None:
+    if self.bar is not None:
+      self.bar.write(msg)
+    else:
+      print(msg, flush=True)
+
+  def start_group(self, n: int, what: str) -> None:
+    first, self.next_run = self.next_run, self.next_run + n
+    runs = f"run {first}" if n == 1 else f"runs {first}-{first + n - 1}"
     self.desc = f"{runs} of {self.total_runs} ({what})"
     if self.bar is not None:
       self.bar.set_description_str(self.desc)
@@ -529,17 +542,53 @@ class Progress:
       self.bar.close()
 
 
-def plan_runs(job: Job, settings: dict[str, dict[str, float]] | None):
-  """``[(optimizer, phase, [(lr, clamp, seed), ...])]``, grouped by lockstep:
-  the sweep's points when ``settings`` is ``None``, else the final runs."""
+def first_clamp(job: Job) -> float:
+  """NAMO-D's clamp of the first stage of its sweep: the reference 0.75 when
+  the grid holds it, else the grid's middle value."""
+  grid = job.clamp_grid
+  ref = [c for c in grid if math.isclose(c, job.base.clamp)]
+  return ref[0] if ref else grid[len(grid) // 2]
+
+
+def plan_runs(
+  job: Job, settings: dict[str, dict[str, float]] | None, stage: int = 1, results=()
+):
+  """``[(optimizer, phase, [(lr, clamp, seed), ...])]``, grouped by lockstep.
+
+  ``settings=None``: the sweep. Stage 1 is every optimizer's learning-rate
+  grid (NAMO-D's at :func:`first_clamp`, or at every clamp with
+  ``--full-clamp-grid``); stage 2 is NAMO-D's other clamps at the learning
+  rate that stage 1 chose (from ``results``). Else: the final runs.
+  """
   plan = []
   for name in job.optimizers:
     if settings is None:
-      clamps = job.clamp_grid if name == "namo_d" else [job.base.clamp]
-      points = [
-        (lr, c, s) for c in clamps for lr in job.lr_grids[name] for s in job.sweep_seeds
-      ]
       phase = "sweep"
+      clamps = [job.base.clamp]
+      if name == "namo_d":
+        clamps = job.clamp_grid if job.args.full_clamp_grid else [first_clamp(job)]
+      if stage == 1:
+        grid = job.lr_grids[name]
+        points = [(lr, c, s) for c in clamps for lr in grid for s in job.sweep_seeds]
+      elif name == "namo_d" and not job.args.full_clamp_grid:
+        c0 = clamps[0]
+        at_c0 = [
+          r for r in results
+          if r["phase"] == "sweep" and r["optimizer"] == name
+          and math.isclose(r["clamp"], c0)
+          and any(math.isclose(r["lr"], g) for g in job.lr_grids[name])
+        ]  # fmt: skip
+        if not at_c0:
+          continue
+        lr = summarize_sweep(at_c0)[name]["chosen"]["lr"]
+        points = [
+          (lr, c, s)
+          for c in job.clamp_grid
+          if not math.isclose(c, c0)
+          for s in job.sweep_seeds
+        ]
+      else:
+        continue
     else:
       st = settings[name]
       points = [(st["lr"], st["clamp"], s) for s in job.seeds]
@@ -549,14 +598,8 @@ def plan_runs(job: Job, settings: dict[str, dict[str, float]] | None):
   return plan
 
 
-def run_plan(
-  job: Job, plan, results, results_f: Path, splits, groups=None, speed=None
-) -> dict[str, Any]:
-  """Trains every group of ``plan`` not in ``results``; returns speed figures.
-
-  ``groups`` caches the compiled :class:`train.RunGroup` of each optimizer and
-  group size across calls; ``speed`` accumulates the figures.
-  """
+def todo_groups(plan, results) -> list:
+  """The groups of ``plan`` with a run that ``results`` does not hold."""
   done = {_key(r) for r in results}
   todo = []
   for name, phase, points in plan:
@@ -564,63 +607,64 @@ def run_plan(
             for lr, c, s in points]  # fmt: skip
     if not all(k in done for k in keys):
       todo.append((name, phase, points))
-  n_runs = sum(len(p) for _, _, p in todo)
-  progress = Progress(n_runs, job.base.steps, not job.args.no_progress)
+  return todo
+
+
+def run_plan(
+  job: Job, plan, results, results_f: Path, splits, groups, speed, progress
+) -> None:
+  """Trains every group of ``plan`` not in ``results``, appending the runs to
+  ``results`` and ``results_f``.
+
+  ``groups`` caches the compiled :class:`train.RunGroup` of each optimizer and
+  group size across calls; ``speed`` accumulates the speed figures;
+  ``progress`` is the job's :class:`Progress`.
+  """
+  done = {_key(r) for r in results}
+  todo = todo_groups(plan, results)
   mcfg = train_lib.model_config(job.base, splits[2])
   graphdef, _ = train_lib.init_params(mcfg, 0)
-  groups = {} if groups is None else groups
-  speed = {} if speed is None else speed
-  k = 1
-  try:
-    for name, phase, points in todo:
-      cfg = dataclasses.replace(job.base, optimizer=name)
-      gkey = (name, len(points))
-      hparams = [(lr, cfg.adam_lr, c) for lr, c, _ in points]
-      seeds = [s for _, _, s in points]
-      if gkey not in groups:
-        group = train_lib.RunGroup(graphdef, cfg, len(points), cfg.eval_every)
-        hp = jnp.asarray(np.asarray(hparams, np.float32))
-        params = group.init(mcfg, seeds)
-        seconds = group.compile(params, hp, splits)
-        group.flops = group.step_flops(params, hp, splits)
-        groups[gkey] = group
-        sp = speed.setdefault(name, {"compile_s": 0.0, "tokens": 0, "run_s": 0.0})
-        sp["compile_s"] += seconds
-      group = groups[gkey]
-      speed.setdefault(name, {"compile_s": 0.0, "tokens": 0, "run_s": 0.0})
-      speed[name]["step_flops"] = group.flops
-      what = f"{LABELS[name]} {phase}"
-      progress.start_group(k, len(points), what)
-      n_group = len(points)
-      out = group.run(
-        seeds, hparams, splits, on_chunk=lambda n, r=n_group: progress.advance(n * r)
-      )
-      k += len(points)
-      sp = speed[name]
-      sp["tokens"] += sum(r["tokens"] for r in out)
-      sp["run_s"] += out[0]["wall_time"]
-      sp["runs"] = sp.get("runs", 0) + len(out)
-      with open(results_f, "a") as f:
-        for r in out:
-          r.update(phase=phase, optimizer=name)
-          if _key(r) in done:
-            continue
-          done.add(_key(r))
-          results.append(r)
-          f.write(json.dumps(r) + "\n")
-      line = ", ".join(
-        f"lr {r['lr']:g}" + (f" c {r['clamp']:g}" if name == "namo_d" else "")
-        + f" seed {r['seed']}: {r['final_val_loss']:.4f}"
-        for r in out
-      )  # fmt: skip
-      msg = f"  {what}: {line} ({out[0]['wall_time']:.0f} s)"
-      if progress.bar is not None:
-        progress.bar.write(msg)
-      else:
-        print(msg, flush=True)
-  finally:
-    progress.close()
-  return speed
+  for name, phase, points in todo:
+    cfg = dataclasses.replace(job.base, optimizer=name)
+    gkey = (name, len(points))
+    hparams = [(lr, cfg.adam_lr, c) for lr, c, _ in points]
+    seeds = [s for _, _, s in points]
+    if gkey not in groups:
+      group = train_lib.RunGroup(graphdef, cfg, len(points), cfg.eval_every)
+      hp = jnp.asarray(np.asarray(hparams, np.float32))
+      params = group.init(mcfg, seeds)
+      seconds = group.compile(params, hp, splits)
+      group.flops = group.step_flops(params, hp, splits)
+      groups[gkey] = group
+      sp = speed.setdefault(name, {"compile_s": 0.0, "tokens": 0, "run_s": 0.0})
+      sp["compile_s"] += seconds
+    group = groups[gkey]
+    speed.setdefault(name, {"compile_s": 0.0, "tokens": 0, "run_s": 0.0})
+    speed[name]["step_flops"] = group.flops
+    what = f"{LABELS[name]} {phase}"
+    progress.start_group(len(points), what)
+    n_group = len(points)
+    out = group.run(
+      seeds, hparams, splits, on_chunk=lambda n, r=n_group: progress.advance(n * r)
+    )
+    sp = speed[name]
+    sp["tokens"] += sum(r["tokens"] for r in out)
+    sp["run_s"] += out[0]["wall_time"]
+    sp["runs"] = sp.get("runs", 0) + len(out)
+    with open(results_f, "a") as f:
+      for r in out:
+        r.update(phase=phase, optimizer=name)
+        if _key(r) in done:
+          continue
+        done.add(_key(r))
+        results.append(r)
+        f.write(json.dumps(r) + "\n")
+    line = ", ".join(
+      f"lr {r['lr']:g}" + (f" c {r['clamp']:g}" if name == "namo_d" else "")
+      + f" seed {r['seed']}: {r['final_val_loss']:.4f}"
+      for r in out
+    )  # fmt: skip
+    progress.write(f"  {what}: {line} ({out[0]['wall_time']:.0f} s)")
 
 
 # ---------------------------------------------------------------- the sweep
@@ -1003,8 +1047,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   groups: dict = {}
   speed: dict = {}
   sweep_md = None
+  n_runs = 0
   if job.args.sweep:
-    run_plan(job, plan_runs(job, None), results, results_f, splits, groups, speed)
+    n_runs += sum(len(p) for _, _, p in todo_groups(plan_runs(job, None), results))
+    if "namo_d" in job.optimizers and not job.args.full_clamp_grid:
+      n_runs += (len(job.clamp_grid) - 1) * len(job.sweep_seeds)  # stage 2, at most
+    if job.args.and_final:
+      n_runs += len(job.optimizers) * len(job.seeds)
+  else:
+    n_runs += sum(len(p) for _, _, p in todo_groups(plan_runs(job, settings), results))
+  progress = Progress(n_runs, base.steps, not job.args.no_progress)
+  job_args = (results, results_f, splits, groups, speed, progress)
+  if job.args.sweep:
+    for stage in (1, 2):
+      run_plan(job, plan_runs(job, None, stage, results), *job_args)
     sweep = summarize_sweep(results)
     sweep_md = sweep_markdown(sweep) if sweep else "(no sweep runs)"
     sweep_s = time.perf_counter() - t0
@@ -1026,7 +1082,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if job.args.and_final:
       settings, source, _ = resolve_settings(job)
   if settings is not None:
-    run_plan(job, plan_runs(job, settings), results, results_f, splits, groups, speed)
+    run_plan(job, plan_runs(job, settings), *job_args)
+  progress.close()
   for s in speed.values():
     s["tokens_per_step"] = base.tokens_per_step
   total = time.perf_counter() - t0
