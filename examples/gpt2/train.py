@@ -25,7 +25,13 @@ What it does:
   the end, to layer x step heat maps in ``<out>/diagnostics.png``.
 
 Batches depend only on ``(seed, step)``, so a resumed run follows the same
-trajectory as an uninterrupted one.
+trajectory as an uninterrupted one, and runs of different optimizers on the
+same seed see the same batches from the same initialisation (paired runs).
+
+:class:`RunGroup` trains several runs of one optimizer in lockstep, as
+``compare.py`` does: one compiled call per ``chunk`` steps, ``jax.vmap`` over
+the runs and ``jax.lax.scan`` over the steps, with the learning rates and
+NAMO-D's clamp as arguments, so that one compile serves a whole sweep.
 """
 
 from __future__ import annotations
