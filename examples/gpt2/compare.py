@@ -964,18 +964,39 @@ def plot(rows, sweep, path: Path, title: str) -> None:
   if rows:
     ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  seeds = sorted({s for r in rows for s in r["by_seed"]})
-  xs = np.arange(len(rows))
-  for s in seeds:
-    ys = [r["by_seed"].get(s, np.nan) for r in rows]
-    ax2.plot(xs, ys, "o-", color="0.5", alpha=0.6, lw=1)
-  ax2.plot(xs, [r["mean"] for r in rows], "s", color="k", label="mean")
-  ax2.set_xticks(xs, [LABELS[r["optimizer"]] for r in rows], rotation=20)
-  ax2.set_ylabel("final validation loss")
-  ax2.set_title("final loss per seed (lines: one seed, paired)", fontsize=9)
-  ax2.grid(alpha=0.3)
+  # Paired differences with the best optimizer, per seed, with 95 % intervals.
   if rows:
-    ax2.legend(fontsize=8)
+    best = rows[0]
+    diffs = []
+    for r in rows:
+      common = sorted(set(r["by_seed"]) & set(best["by_seed"]))
+      d = [r["by_seed"][s] - best["by_seed"][s] for s in common]
+      a = [best["by_seed"][s] for s in common]
+      diffs.append((d, paired_interval(a, [r["by_seed"][s] for s in common])))
+    shown = [
+      iv["hi"] for _, iv in diffs if math.isfinite(iv["hi"]) and iv["mean"] < 0.15
+    ]
+    top = max([0.02, *shown]) * 1.25
+    for i, (r, (d, iv)) in enumerate(zip(rows, diffs, strict=True)):
+      c = colors[r["optimizer"]]
+      if iv["mean"] > top:
+        ax2.annotate(
+          f"{LABELS[r['optimizer']]}: +{iv['mean']:.3f}\n(off scale)",
+          (i, top * 0.93), ha="center", va="top", fontsize=8, color=c,
+        )  # fmt: skip
+        continue
+      ax2.plot([i] * len(d), d, "o", color=c, alpha=0.5)
+      if math.isfinite(iv["lo"]):
+        err = [[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]]
+        ax2.errorbar(i, iv["mean"], yerr=err, fmt="s", color="k", capsize=4)
+    ax2.axhline(0.0, color="0.4", lw=1)
+    ax2.set_ylim(min(-0.005, *[min(d, default=0) for d, _ in diffs]) - 0.005, top)
+    ax2.set_xticks(range(len(rows)), [LABELS[r["optimizer"]] for r in rows])
+    ax2.set_ylabel(f"final val loss minus {LABELS[best['optimizer']]}'s, same seed")
+  ax2.set_title(
+    "paired differences (dots: seeds; bars: mean, 95 % t-interval)", fontsize=9
+  )
+  ax2.grid(alpha=0.3)
   for name, s in (sweep or {}).items():
     by_clamp: dict[float, list] = {}
     for p in s["points"]:
@@ -992,7 +1013,12 @@ def plot(rows, sweep, path: Path, title: str) -> None:
         alpha=1.0 if name != "namo_d" else 0.5 + 0.5 * (c == s["chosen"]["clamp"]),
       )
   if sweep:
+    import matplotlib.ticker
+
     ax3.set_xscale("log")
+    ticks = sorted({p["lr"] for s in sweep.values() for p in s["points"]})
+    ax3.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax3.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=45, fontsize=7)
     lo = min(s["final_val_loss"] for s in sweep.values())
     ax3.set_ylim(lo - 0.05, lo + 0.5)
   ax3.set_xlabel("peak learning rate (the matrices'; all of AdamW's)")
