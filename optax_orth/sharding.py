@@ -22,10 +22,17 @@ to device ``k``), and the remaining matrices of all leaves of that shape are
 pooled and padded with zero matrices to a multiple of ``N`` (Newton–Schulz maps
 a zero matrix to zero, so padding is harmless and never produces NaN).
 
-Pass ``sharding=OwnerSharding(...)`` to :func:`optax_orth.orthogonalize_momentum`
-or to any optimizer alias. On one device (or a mesh whose owner axes have size
-one) it is a no-op, so the same code runs on one CPU, on simulated devices,
-on several processes and on pods.
+The scheme is on by default (``sharding="auto"`` in
+:func:`optax_orth.orthogonalize_momentum` and every optimizer alias): when the
+update is traced with a mesh in context (``jax.set_mesh(mesh)``), each group of
+same-shape matrices is distributed over the mesh axes that shard it. On
+``Explicit`` axes those are read from the arrays' types; ``Auto`` axes are not
+visible at trace time, and every ``Auto`` axis of size greater than one is used.
+``sharding=None`` turns the scheme off; ``sharding=OwnerSharding(mesh, axis)``
+names the mesh and axes. Without a mesh in context, on one device, or on axes of
+size one the scheme is a no-op, so the same code runs on one CPU, on simulated
+devices, on several processes and on pods, and single-device results are
+bit-identical with and without it.
 """
 
 from __future__ import annotations
@@ -45,10 +52,13 @@ from jax.sharding import PartitionSpec as P
 from optax_orth.routing import path_names
 
 __all__ = [
+  "AUTO",
   "OwnerSharding",
+  "ShardingLike",
   "hlo_collective_bytes",
   "keep_layout",
   "owner_axes",
+  "owner_layouts",
   "owner_orthogonalize",
   "state_shardings",
 ]
@@ -73,44 +83,114 @@ class OwnerSharding(NamedTuple):
   axis: str | tuple[str, ...] | None = None
 
 
-def _mesh_of(sharding: OwnerSharding):
-  mesh = sharding.mesh
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None
-  return mesh
+#: The default of every ``sharding=`` argument: the owner scheme over the axes
+#: of the mesh in context that shard each group of matrices (see the module
+#: docstring); a no-op without a mesh.
+AUTO = "auto"
+
+#: What a ``sharding=`` argument takes: ``"auto"``, ``None`` (off) or an
+#: :class:`OwnerSharding`.
+ShardingLike = OwnerSharding | str | None
 
 
-def owner_axes(sharding: OwnerSharding | None) -> tuple[Any, tuple[str, ...], int]:
+def check_sharding(sharding: Any) -> None:
+  """Raises ``ValueError`` unless ``sharding`` is ``"auto"``, ``None`` or an
+  :class:`OwnerSharding`."""
+  if sharding is None or sharding == AUTO or isinstance(sharding, OwnerSharding):
+    return
+  raise ValueError(
+    'sharding must be "auto" (the default), None (off) or an '
+    f"optax_orth.OwnerSharding; got {sharding!r}."
+  )
+
+
+def _axis_types(mesh) -> dict[str, Any]:
+  return dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+
+
+def _context_mesh(xs: Sequence[Any] = ()):
+  """The mesh set with ``jax.set_mesh``, else the mesh in the types of ``xs``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    return mesh
+  for x in xs:
+    sh = getattr(jax.typeof(x), "sharding", None)
+    if isinstance(sh, NamedSharding) and not sh.mesh.empty:
+      return sh.mesh
+  return None
+
+
+def spec_axes(x: Any) -> tuple[tuple[str, ...], ...]:
+  """The mesh axes that shard each dimension of ``x``, read from its type.
+
+  Empty tuples on ``Auto`` axes (where the layout is not in the type) and
+  outside ``jax.jit`` for arrays without a ``NamedSharding``.
+  """
+  sh = getattr(jax.typeof(x), "sharding", None)
+  out: list[tuple[str, ...]] = [() for _ in range(jnp.ndim(x))]
+  if not isinstance(sh, NamedSharding):
+    return tuple(out)
+  for i, entry in enumerate(tuple(sh.spec)[: len(out)]):
+    if isinstance(entry, str):
+      out[i] = (entry,)
+    elif isinstance(entry, tuple):
+      out[i] = tuple(a for a in entry if isinstance(a, str))
+  return tuple(out)
+
+
+def _auto_axes(mesh, xs: Sequence[Any]) -> tuple[str, ...]:
+  """``Explicit`` axes that shard some ``x``, and every ``Auto`` axis."""
+  types = _axis_types(mesh)
+  used = {a for x in xs for dim in spec_axes(x) for a in dim}
+  return tuple(
+    a
+    for a in mesh.axis_names
+    if (types.get(a) == AxisType.Explicit and a in used)
+    or types.get(a, AxisType.Auto) == AxisType.Auto
+  )
+
+
+def owner_axes(
+  sharding: ShardingLike, xs: Sequence[Any] = ()
+) -> tuple[Any, tuple[str, ...], int]:
   """The mesh, the owner axis names and their total size ``N``.
 
-  Returns ``(None, (), 1)`` when the scheme is a no-op (no sharding, no mesh,
-  or owner axes of size one).
+  Args:
+    sharding: ``"auto"``, ``None`` or an :class:`OwnerSharding`.
+    xs: the arrays to distribute (for ``"auto"``: the axes that shard them on
+      ``Explicit`` meshes are read from their types).
+
+  Returns:
+    ``(mesh, axes, N)``, or ``(None, (), 1)`` when the scheme is a no-op
+    (``None``, no mesh, or owner axes of size one).
 
   Raises:
-    ValueError: if an axis name is not an axis of the mesh.
+    ValueError: if ``sharding`` is none of the above, or names an axis that
+      is not an axis of the mesh.
   """
+  check_sharding(sharding)
   if sharding is None:
     return None, (), 1
-  if not isinstance(sharding, OwnerSharding):
-    raise ValueError(
-      f"sharding must be an optax_orth.OwnerSharding or None; got {sharding!r}."
-    )
-  mesh = _mesh_of(sharding)
-  if mesh is None:
-    return None, (), 1
-  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
-  if sharding.axis is None:
-    axes = tuple(a for a in mesh.axis_names if types.get(a) != AxisType.Manual)
+  if sharding == AUTO:
+    mesh = _context_mesh(xs)
+    if mesh is None:
+      return None, (), 1
+    axes = _auto_axes(mesh, xs)
   else:
-    axes = (sharding.axis,) if isinstance(sharding.axis, str) else tuple(sharding.axis)
-    for a in axes:
-      if a not in mesh.axis_names:
-        raise ValueError(
-          f"OwnerSharding axis {a!r} is not an axis of the mesh "
-          f"(axes {tuple(mesh.axis_names)})."
-        )
+    mesh = sharding.mesh if sharding.mesh is not None else _context_mesh()
+    if mesh is None or mesh.empty:
+      return None, (), 1
+    types = _axis_types(mesh)
+    if sharding.axis is None:
+      axes = tuple(a for a in mesh.axis_names if types.get(a) != AxisType.Manual)
+    else:
+      axes = (sharding.axis,) if isinstance(sharding.axis, str) else sharding.axis
+      for a in axes:
+        if a not in mesh.axis_names:
+          raise ValueError(
+            f"OwnerSharding axis {a!r} is not an axis of the mesh "
+            f"(axes {tuple(mesh.axis_names)})."
+          )
   axes = tuple(a for a in axes if mesh.shape[a] > 1)
   n = math.prod(mesh.shape[a] for a in axes)
   if n == 1:
@@ -124,76 +204,167 @@ def _constrain(x: jax.Array, mesh, axes: tuple[str, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _staged(x: jax.Array, mesh, axes: tuple[str, ...], inbound: bool) -> jax.Array:
+  """Moves axis 0 of ``x`` onto (``inbound``) or off the owner axes, one at a time.
+
+  With several owner axes, ``x`` of shape ``(N, ...)`` is viewed as
+  ``(N_1, ..., N_k, ...)`` and constrained in ``k`` stages: inbound, stage
+  ``j`` shards the last ``j`` of those dimensions over the last ``j`` axes
+  and leaves the rest of the array to the compiler (``UNCONSTRAINED``), so
+  that each stage is a one-axis all-to-all instead of a gather over the whole
+  mesh; outbound, the same stages in reverse. One axis: ``x`` unchanged
+  (inbound it is then constrained by the caller).
+  """
+  k = len(axes)
+  if k == 1:
+    return x
+  sizes = [mesh.shape[a] for a in axes]
+  y = x.reshape(*sizes, *x.shape[1:])
+  free = [P.UNCONSTRAINED] * (x.ndim - 1)
+  stages = range(1, k) if inbound else range(k - 1, 0, -1)
+  for j in stages:
+    spec = P(*([None] * (k - j)), *axes[k - j :], *free)
+    y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+  return y.reshape(x.shape)
+
+
 def owner_orthogonalize(
   members: Sequence[jax.Array],
   orthogonalizer: Callable[[jax.Array], jax.Array],
-  sharding: OwnerSharding | None,
+  sharding: ShardingLike = AUTO,
 ) -> list[jax.Array]:
   """Orthogonalizes same-shape ``(B_k, r, c)`` stacks, each matrix on one owner.
 
-  With ``N`` the size of the owner axes, each member is split into an aligned
-  part (its first ``N * (B_k // N)`` matrices, reshaped to
-  ``(N, B_k // N, r, c)``) and a remainder; the remainders of all members are
-  pooled and padded with zero matrices to a multiple of ``N``. The pieces are
-  concatenated into one ``(N, Q, r, c)`` array sharded over the owner axes
+  With ``N`` the size of the owner axes (:func:`owner_axes`), each member is
+  split into an aligned part (its first ``N * (B_k // N)`` matrices, reshaped
+  to ``(N, B_k // N, r, c)``) and a remainder; the remainders of all members
+  are pooled and padded with zero matrices to a multiple of ``N``. The pieces
+  are concatenated into one ``(N, Q, r, c)`` array sharded over the owner axes
   on its first axis, so that device ``k`` holds ``Q`` whole matrices, and the
-  orthogonalizer runs once on the ``(N * Q, r, c)`` view. The result is kept
-  in that layout; splitting it back into the members lets the compiler move
-  each piece back to the layout its consumers (the parameters' sharding)
-  want.
+  orthogonalizer runs once on the ``(N * Q, r, c)`` view. Each member's slice
+  is then handed back; on ``Explicit`` axes in the sharding its input had.
 
-  With no mesh, or owner axes of size one, this is
-  ``orthogonalizer(concatenate(members))`` split back.
+  With the scheme off (``None``, no mesh, owner axes of size one) this is
+  ``orthogonalizer(concatenate(members))`` split back; on ``Explicit`` axes
+  that shard the members it runs under the compiler's automatic partitioning
+  (``jax.sharding.auto_axes``), each result in its input's sharding.
 
   Args:
     members: arrays of one shape ``(r, c)`` per matrix and one dtype.
     orthogonalizer: a function from ``(batch, r, c)`` arrays to arrays of
       the same shape.
-    sharding: an :class:`OwnerSharding` or ``None``.
+    sharding: ``"auto"``, ``None`` or an :class:`OwnerSharding`.
 
   Returns:
     The orthogonalized members, in order.
   """
-  mesh, axes, n = owner_axes(sharding)
-  sizes = [int(x.shape[0]) for x in members]
-  if mesh is None:
-    ys = orthogonalizer(jnp.concatenate(members) if len(members) > 1 else members[0])
-    return list(jnp.split(ys, np.cumsum(sizes)[:-1].tolist())) if sizes[1:] else [ys]
-  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
-  explicit = tuple(a for a in mesh.axis_names if types.get(a) == AxisType.Explicit)
-  if not explicit:
+  mesh, axes, n = owner_axes(sharding, members)
+  ambient = _context_mesh(members)
+  explicit = () if ambient is None else _explicit_axes(ambient)
+  sharded = any(dim for x in members for dim in spec_axes(x))
+  if not (explicit and sharded):
+    if mesh is None:
+      return _plain(list(members), orthogonalizer)
     return _owner(list(members), orthogonalizer, mesh, axes, n)
-  # Explicit axes: run the scheme under the compiler's automatic partitioning
-  # and return every member in the sharding it came with.
+
+  # Explicit axes: run under the compiler's automatic partitioning and return
+  # every member in the sharding it came with.
+  def run(xs):
+    if mesh is None:
+      return _plain(list(xs), orthogonalizer)
+    return _owner(list(xs), orthogonalizer, jax.sharding.get_abstract_mesh(), axes, n)
+
   fn = jax.sharding.auto_axes(
-    lambda xs: _owner(
-      list(xs), orthogonalizer, jax.sharding.get_abstract_mesh(), axes, n
-    ),
-    axes=explicit,
-    out_sharding=[jax.typeof(x).sharding for x in members],
+    run, axes=explicit, out_sharding=[jax.typeof(x).sharding for x in members]
   )
-  return list(fn(tuple(members)))
+  if not jax.sharding.get_abstract_mesh().empty:
+    return list(fn(tuple(members)))
+  with jax.sharding.use_abstract_mesh(ambient):  # the mesh of the types
+    return list(fn(tuple(members)))
+
+
+def _explicit_axes(mesh) -> tuple[str, ...]:
+  types = _axis_types(mesh)
+  return tuple(a for a in mesh.axis_names if types.get(a) == AxisType.Explicit)
+
+
+def _plain(members, orthogonalizer):
+  sizes = [int(x.shape[0]) for x in members]
+  ys = orthogonalizer(jnp.concatenate(members) if len(members) > 1 else members[0])
+  return list(jnp.split(ys, np.cumsum(sizes)[:-1].tolist())) if sizes[1:] else [ys]
 
 
 def keep_layout(
-  xs: Sequence[jax.Array], likes: Sequence[jax.Array], sharding: OwnerSharding | None
+  xs: Sequence[jax.Array], likes: Sequence[jax.Array], sharding: ShardingLike = AUTO
 ) -> list[jax.Array]:
   """Ties each ``x`` to the sharding of ``like`` (``shard_alike``), if sharded.
 
   :func:`optax_orth.orthogonalize_momentum` ties the orthogonalizer's input
   (the Nesterov combination of momentum and gradient) to the momentum's
   layout, so that the compiler computes it where the momentum lives instead
-  of moving both operands to the owners (which doubles the inbound traffic).
-  A no-op without a mesh, and on ``Explicit`` axes (where the layout is in
-  the types).
+  of moving both operands to the owners (which doubles the inbound traffic),
+  and :func:`optax_orth.transforms.orthogonalize_grouped` ties each result
+  to its input, so that it comes back in the input's layout without
+  ``out_shardings`` (and without collective-permutes). A no-op when the
+  scheme is off, and on ``Explicit`` axes (where the layout is in the types).
   """
-  mesh, _, _ = owner_axes(sharding)
-  if mesh is None:
-    return list(xs)
-  types = getattr(mesh, "axis_types", ())
-  if any(t == AxisType.Explicit for t in types):
+  mesh, _, _ = owner_axes(sharding, likes)
+  if mesh is None or _explicit_axes(mesh):
     return list(xs)
   return [shard_alike(x, y)[0] for x, y in zip(xs, likes, strict=True)]
+
+
+def owner_layouts(layouts: Sequence[Any], leaves: Sequence[jax.Array], sharding):
+  """Matrix layouts whose batch axes put the sharded ones first.
+
+  A leaf ``(layers, experts, fan_in, fan_out)`` with the expert axis sharded
+  (expert parallelism) is viewed as ``(experts * layers, fan_in, fan_out)``
+  matrices instead of ``(layers * experts, ...)``: the contiguous block of
+  matrices that the owner scheme gives device ``k`` is then exactly the
+  experts device ``k`` already holds, and nothing moves. The sharded batch
+  axes are read from the types on ``Explicit`` axes; on ``Auto`` axes the
+  innermost batch axis whose size is a multiple of ``N`` goes first. Only the
+  order of the matrices changes (each is orthogonalized on its own), so the
+  results are the same. The layouts are unchanged when the scheme is off.
+  """
+  mesh, axes, n = owner_axes(sharding, leaves)
+  if mesh is None:
+    return list(layouts)
+  out = []
+  for lay, x in zip(layouts, leaves, strict=True):
+    dims = spec_axes(x)
+    if hasattr(lay, "perm"):  # a MatrixLayout
+      out.append(_sharded_first(lay, dims, axes, n))
+    else:  # a SplitLayout: blocks of the leaf, each with the leaf's rank
+      parts = tuple(_sharded_first(p, dims, axes, n) for p in lay.parts)
+      out.append(lay if parts == tuple(lay.parts) else lay._replace(parts=parts))
+  return out
+
+
+def _sharded_first(lay, dims, axes, n):
+  """``lay`` (a ``MatrixLayout``) with its sharded batch axes moved first."""
+  if lay.view is not None:  # an axis cut into heads: left as it is
+    return lay
+  base = tuple(lay.shape)
+  if len(dims) != len(base):
+    return lay
+  permuted = [base[i] for i in lay.perm]
+  nb = max(
+    (k for k in range(len(permuted) - 1) if math.prod(permuted[:k]) == lay.batch),
+    default=0,
+  )
+  if nb < 2:
+    return lay
+  batch = list(lay.perm[:nb])
+  known = any(dims[i] for i in range(len(base)))
+  if known:
+    key = lambda j: 0 if any(a in axes for a in dims[batch[j]]) else 1
+  else:
+    key = lambda j: (0, -j) if base[batch[j]] % n == 0 else (1, j)
+  order = sorted(range(nb), key=key)
+  if order == list(range(nb)):
+    return lay
+  return lay._replace(perm=tuple(batch[j] for j in order) + tuple(lay.perm[nb:]))
 
 
 def _owner(members, orthogonalizer, mesh, axes, n):
@@ -212,11 +383,12 @@ def _owner(members, orthogonalizer, mesh, axes, n):
     rest = jnp.concatenate([rest, jnp.zeros((pad, r, c), rest.dtype)]) if pad else rest
     blocks.append(rest.reshape(n, -1, r, c))
   group = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-  group = _constrain(group, mesh, axes)
+  group = _constrain(_staged(group, mesh, axes, True), mesh, axes)
   q_total = int(group.shape[1])
   ys = orthogonalizer(_constrain(group.reshape(n * q_total, r, c), mesh, axes))
   ys = _constrain(ys, mesh, axes).reshape(n, q_total, r, c)
-  rest_ys = ys[:, q_total - (n_rest + pad) // n :].reshape(-1, r, c)
+  rest_ys = _staged(ys[:, q_total - (n_rest + pad) // n :], mesh, axes, False)
+  rest_ys = rest_ys.reshape(-1, r, c)
   outs = []
   offset, rest_offset = 0, 0
   for b in sizes:
@@ -224,6 +396,7 @@ def _owner(members, orthogonalizer, mesh, axes, n):
     parts = []
     if q:
       part = _constrain(ys[:, offset : offset + q], mesh, axes)
+      part = _staged(part, mesh, axes, False)
       parts.append(part.reshape(q * n, r, c))
       offset += q
     if b - q * n:
