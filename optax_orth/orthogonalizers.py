@@ -103,30 +103,6 @@ PRESETS: dict[str, NewtonSchulzPreset] = {
 }
 
 
-def _check_steps(steps) -> int:
-  """``steps`` as a Python int; a ValueError naming ``ns_steps`` otherwise."""
-  integral = isinstance(steps, int | np.integer) and not isinstance(steps, bool)
-  if isinstance(steps, jax.Array | np.ndarray):
-    integral = steps.ndim == 0 and jnp.issubdtype(steps.dtype, jnp.integer)
-  if not integral:
-    raise ValueError(
-      f"Newton-Schulz steps must be a positive int; got ns_steps={steps!r}."
-    )
-  try:
-    steps = int(steps)
-  except (
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerIntegerConversionError,
-  ):
-    raise ValueError(
-      "ns_steps must be a static int; under optax.inject_hyperparams pass "
-      "static_args=('ns_steps',)."
-    ) from None
-  if steps < 1:
-    raise ValueError(f"Newton-Schulz steps must be >= 1; got ns_steps={steps}.")
-  return steps
-
-
 def resolve_coeffs(
   coeffs: CoeffsLike, steps: int | None = None
 ) -> tuple[np.ndarray, float]:
@@ -165,7 +141,11 @@ def resolve_coeffs(
     if not np.all(np.isfinite(rows)):
       raise ValueError(f"Newton-Schulz coefficients must be finite; got {rows}.")
     default_steps = 5 if rows.shape[0] == 1 else rows.shape[0]
-  steps = default_steps if steps is None else _check_steps(steps)
+  if steps is None:
+    steps = default_steps
+  else:
+    validation.check_positive_int("ns_steps", steps)
+    steps = int(steps)
   if steps <= rows.shape[0]:
     rows = rows[:steps]
   else:
@@ -177,26 +157,12 @@ def _check_eps(eps) -> None:
   validation.check_non_negative("eps", eps)
 
 
-def _check_dtype(dtype) -> None:
-  """``dtype`` is ``None`` or an inexact (floating or complex) dtype."""
-  if dtype is None:
-    return
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    raise ValueError(f"dtype must be a dtype; got dtype={dtype!r}.") from None
-  if not jnp.issubdtype(dt, jnp.inexact):
-    raise ValueError(
-      f"newton_schulz needs a floating-point compute dtype; got dtype={dt.name}."
-    )
-
-
 def _check_options(preconditioning, method, restart, eps, dtype) -> None:
   if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
     raise ValueError(f"Unknown preconditioning={preconditioning!r}.")
   _check_method(method, restart)
   _check_eps(eps)
-  _check_dtype(dtype)
+  validation.check_float_dtype("dtype", dtype)
 
 
 # ---------------------------------------------------------------------------
