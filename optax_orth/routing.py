@@ -13,10 +13,18 @@ A *spec* for a tree of parameters is one of
   exception is :func:`optax_orth.muon`, whose ``None`` is ``optax.contrib.muon``'s
   rule for parity, named :func:`optax_rule` (every 2-D leaf is a matrix);
 * a ``MuonDimensionNumbers``: the same numbers for every leaf;
-* a tree (or tree prefix) of ``MuonDimensionNumbers`` or ``None`` (``None``:
-  the leaf is not a matrix and goes to the Adam fallback in the aliases);
+* a tree (or tree prefix) of ``MuonDimensionNumbers``,
+  :class:`SplitDimensionNumbers` or ``None`` (``None``: the leaf is not a
+  matrix and goes to the Adam fallback in the aliases);
 * a callable from the parameters to such a tree, such as :func:`route_by_path`
   or :func:`optax_orth.route_by_model`.
+
+A fused leaf (a QKV kernel ``(d, q + k + v)``, an attention kernel whose
+output axis holds the heads) is several matrices: :class:`SplitDimensionNumbers`
+cuts it along one axis into blocks of given sizes (a :class:`SplitLayout`, one
+:class:`MatrixLayout` per block) or into equal heads (a :class:`MatrixLayout`
+whose heads axis is a batch axis), and every block orthogonalizes, scales and
+keeps statistics for each block on its own.
 
 A spec tree is matched to the parameters by key path, not by container type:
 lists and tuples, an ``nnx.State`` and its pure dict, and NNX's trailing
@@ -27,6 +35,7 @@ matches no parameter is an error that names it.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import os
 import re
@@ -79,15 +88,67 @@ class RoutingWarning(UserWarning):
   """A leaf routed by a guess (its shape alone), or a rule that matched nothing."""
 
 
+class SplitDimensionNumbers(NamedTuple):
+  r"""Dimension numbers of a fused leaf: blocks along one axis, each its own matrix.
+
+  ``reduction_axis`` and ``output_axis`` are those of the whole leaf, as in
+  ``MuonDimensionNumbers``; the leaf is then cut along ``split_axis`` (one of
+  them, by default the output axis) and every block is orthogonalized,
+  scaled and normalized as a matrix of its own:
+
+  * ``split_sizes=(q, k, v)``: blocks of these sizes, in order (a fused QKV
+    kernel ``(d, q + k + v)``, GQA's ``k = v < q`` included; a fused
+    gate/up kernel ``(d, 2 ff)``). Blocks of different shapes are grouped
+    by shape for the orthogonalizer; a block's state for the leaf is a
+    :class:`Parts`, one entry per block.
+  * ``heads=H``: ``H`` equal blocks, the per-head form of an attention
+    kernel stored fused: ``(d, H hd)`` query/key/value kernels, or
+    ``(H hd, d)`` output kernels with ``split_axis=0``. The axis is
+    reshaped to ``(H, hd)`` and the head axis becomes a batch axis, as
+    ``MuonDimensionNumbers(0, 2)`` does for a Flax ``(d, H, hd)`` kernel.
+
+  Examples (``DN`` is ``MuonDimensionNumbers``)::
+
+    SplitDimensionNumbers(0, 1, split_sizes=(d, d, d))   # GPT-2 c_attn (d, 3d)
+    SplitDimensionNumbers(1, 2, split_sizes=(q, kv, kv)) # (layers, d, q+2kv)
+    SplitDimensionNumbers(0, 1, heads=3 * H)             # fused QKV, per head
+    SplitDimensionNumbers(0, 1, heads=H, split_axis=0)   # (H hd, d) per head
+
+  Attributes:
+    reduction_axis: an axis or a tuple of axes (fan-in).
+    output_axis: an axis or a tuple of axes (fan-out).
+    split_sizes: a tuple of positive sizes that sum to the dimension of
+      ``split_axis``; or ``None``.
+    heads: a positive number of equal blocks that divides it; or ``None``.
+      Exactly one of ``split_sizes`` and ``heads`` is given.
+    split_axis: the axis to cut, one of the reduction or output axes;
+      ``None``: the output axis (which must then be a single axis).
+  """
+
+  reduction_axis: int | tuple[int, ...] = 0
+  output_axis: int | tuple[int, ...] = 1
+  split_sizes: tuple[int, ...] | None = None
+  heads: int | None = None
+  split_axis: int | None = None
+
+
+#: The dimension-numbers types a spec tree holds (besides ``None``).
+DIMENSION_NUMBERS_TYPES = (MuonDimensionNumbers, SplitDimensionNumbers)
+
+
 class MatrixLayout(NamedTuple):
   """How one leaf is viewed as a stack of matrices.
 
   Attributes:
     shape: the leaf's shape.
-    perm: transposition that orders the axes as (batch, reduction, output).
+    perm: transposition that orders the axes (of ``view``, if given) as
+      (batch, reduction, output).
     batch: number of matrices.
     fan_in: product of the reduction dimensions.
     fan_out: product of the output dimensions.
+    view: ``None``, or the shape the leaf is first reshaped to, with one axis
+      cut into ``(heads, size // heads)`` (the per-head form of
+      :class:`SplitDimensionNumbers`); ``perm`` then refers to its axes.
   """
 
   shape: tuple[int, ...]
@@ -95,16 +156,183 @@ class MatrixLayout(NamedTuple):
   batch: int
   fan_in: int
   fan_out: int
+  view: tuple[int, ...] | None = None
 
   def to_matrices(self, x: jax.Array) -> jax.Array:
     """``x`` (the leaf's shape) to ``(batch, fan_in, fan_out)``."""
+    if self.view is not None:
+      x = x.reshape(self.view)
     return jnp.transpose(x, self.perm).reshape(self.batch, self.fan_in, self.fan_out)
 
   def from_matrices(self, y: jax.Array) -> jax.Array:
     """Inverse of :meth:`to_matrices`."""
-    permuted = tuple(self.shape[i] for i in self.perm)
+    base = self.shape if self.view is None else self.view
+    permuted = tuple(base[i] for i in self.perm)
     inverse = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
-    return jnp.transpose(y.reshape(permuted), inverse)
+    return jnp.transpose(y.reshape(permuted), inverse).reshape(self.shape)
+
+  # The interface that SplitLayout shares; one block, the whole leaf.
+
+  @property
+  def parts(self) -> tuple[MatrixLayout, ...]:
+    """The layouts of the leaf's blocks: here the leaf itself, ``(self,)``."""
+    return (self,)
+
+  def split(self, x: jax.Array) -> list[jax.Array]:
+    """The leaf's blocks: ``[x]``."""
+    return [x]
+
+  def join(self, xs: Sequence[jax.Array]) -> jax.Array:
+    """Inverse of :meth:`split`."""
+    (x,) = xs
+    return x
+
+  def each(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(self, *args)``; see :meth:`SplitLayout.each`."""
+    return fn(self, *args)
+
+  def map_parts(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(self, *args)``; see :meth:`SplitLayout.map_parts`."""
+    return fn(self, *args)
+
+  def describe(self) -> str:
+    """``"batch x fan_in x fan_out"``, as :func:`routing_table` prints it."""
+    return f"{self.batch} x {self.fan_in} x {self.fan_out}"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Parts(tuple):
+  """One entry per block of a split leaf (a pytree node, keys ``0, 1, ...``).
+
+  A block's state for a leaf that a :class:`SplitLayout` cuts into blocks of
+  different shapes is a ``Parts`` of per-block arrays, each what the block
+  keeps for one matrix stack (for example ``(batch, fan_in)``).
+  """
+
+  def tree_flatten_with_keys(self):
+    keys = [jax.tree_util.SequenceKey(i) for i in range(len(self))]
+    return list(zip(keys, self, strict=True)), None
+
+  def tree_flatten(self):
+    return tuple(self), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children)
+
+  def __repr__(self) -> str:
+    return f"Parts({tuple.__repr__(self)})"
+
+
+class SplitLayout(NamedTuple):
+  """A fused leaf cut along one axis into blocks, each a stack of matrices.
+
+  Made by :func:`matrix_layout` for :class:`SplitDimensionNumbers` with
+  ``split_sizes``. The blocks use the leaf's dimension numbers; a block's
+  per-leaf state is a :class:`Parts` with one entry per block.
+
+  Attributes:
+    shape: the leaf's shape.
+    axis: the axis that is cut.
+    sizes: the blocks' sizes along ``axis``.
+    parts: the :class:`MatrixLayout` of each block (a slice of the leaf).
+  """
+
+  shape: tuple[int, ...]
+  axis: int
+  sizes: tuple[int, ...]
+  parts: tuple[MatrixLayout, ...]
+
+  @property
+  def batch(self) -> int:
+    """Total number of matrices, over all blocks."""
+    return sum(p.batch for p in self.parts)
+
+  def split(self, x: jax.Array) -> list[jax.Array]:
+    """The slices of ``x`` (the leaf's shape) along :attr:`axis`."""
+    offsets = list(itertools.accumulate(self.sizes))[:-1]
+    return list(jnp.split(x, offsets, axis=self.axis))
+
+  def join(self, xs: Sequence[jax.Array]) -> jax.Array:
+    """Inverse of :meth:`split`."""
+    return jnp.concatenate(list(xs), axis=self.axis)
+
+  def to_matrices(self, x: jax.Array) -> jax.Array:
+    """Not one stack: raises, pointing to :meth:`map_parts`."""
+    del x
+    raise TypeError(
+      f"a leaf of shape {self.shape} split into blocks {self.sizes} along axis "
+      f"{self.axis} (SplitDimensionNumbers) is one stack of matrices per block: "
+      "use layout.map_parts(fn, x) (or to_matrix_list / from_matrix_list), "
+      "with fn(part_layout, x_part)."
+    )
+
+  from_matrices = to_matrices
+
+  def _per_part(self, a: Any) -> list:
+    n = len(self.parts)
+    if isinstance(a, Parts):
+      if len(a) != n:
+        raise ValueError(f"expected {n} parts for a leaf of shape {self.shape}.")
+      return list(a)
+    if a is None or jnp.ndim(a) == 0:
+      return [a] * n
+    if tuple(jnp.shape(a)) == self.shape:
+      return self.split(a)
+    raise ValueError(
+      f"an argument of shape {tuple(jnp.shape(a))} for a split leaf of shape "
+      f"{self.shape}: expected the leaf's shape, a scalar or Parts."
+    )
+
+  def each(self, fn: Callable[..., Any], *args: Any) -> Parts:
+    """``Parts(fn(part, *args_of_part) for each block)``.
+
+    Each argument is a leaf-shaped array (split into blocks), a
+    :class:`Parts` (one entry per block), a scalar or ``None`` (passed to
+    every block).
+    """
+    cols = [self._per_part(a) for a in args]
+    return Parts(fn(p, *(c[i] for c in cols)) for i, p in enumerate(self.parts))
+
+  def map_parts(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """:meth:`each`, with the blocks of ``fn``'s (first) result joined.
+
+    ``fn(part, ...)`` returns an array shaped like the block, or a tuple
+    whose first entry is; the rest come back as :class:`Parts`.
+    """
+    out = self.each(fn, *args)
+    if not isinstance(out[0], tuple):
+      return self.join(out)
+    firsts = self.join([r[0] for r in out])
+    rest = [Parts(r[k] for r in out) for k in range(1, len(out[0]))]
+    return (firsts, *rest)
+
+  def describe(self) -> str:
+    """The blocks' ``batch x fan_in x fan_out``, joined by ``+``."""
+    return " + ".join(p.describe() for p in self.parts)
+
+
+Layout = MatrixLayout | SplitLayout
+
+
+def to_matrix_list(layouts: Sequence[Layout], leaves: Sequence[jax.Array]) -> list:
+  """The ``(batch, fan_in, fan_out)`` stacks of every block of every leaf, in
+  order (one per :class:`MatrixLayout`, one per block of a
+  :class:`SplitLayout`)."""
+  return [
+    part.to_matrices(x)
+    for lay, leaf in zip(layouts, leaves, strict=True)
+    for part, x in zip(lay.parts, lay.split(leaf), strict=True)
+  ]
+
+
+def from_matrix_list(layouts: Sequence[Layout], matrices: Sequence[jax.Array]):
+  """Inverse of :func:`to_matrix_list`: one leaf-shaped array per layout."""
+  it = iter(matrices)
+  return [
+    lay.join([part.from_matrices(next(it)) for part in lay.parts]) for lay in layouts
+  ]
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -162,21 +390,29 @@ def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:
 
 def matrix_layout(
   shape: Sequence[int],
-  dimension_numbers: MuonDimensionNumbers | None = DEFAULT_DIMENSION_NUMBERS,
+  dimension_numbers: MuonDimensionNumbers
+  | SplitDimensionNumbers
+  | None = DEFAULT_DIMENSION_NUMBERS,
   path: str = "",
-) -> MatrixLayout:
-  """The :class:`MatrixLayout` of a leaf, with validation.
+) -> MatrixLayout | SplitLayout:
+  """The layout of a leaf, with validation.
 
   Args:
     shape: the leaf's shape.
     dimension_numbers: the leaf's ``MuonDimensionNumbers`` (default: a 2-D
-      ``(fan_in, fan_out)`` matrix). ``None`` marks a leaf that the routing
-      sends to the Adam fallback: it has no matrix layout, and is an error.
+      ``(fan_in, fan_out)`` matrix) or :class:`SplitDimensionNumbers`.
+      ``None`` marks a leaf that the routing sends to the Adam fallback: it
+      has no matrix layout, and is an error.
     path: the leaf's path, used in error messages.
+
+  Returns:
+    A :class:`MatrixLayout`; a :class:`SplitLayout` for
+    :class:`SplitDimensionNumbers` with more than one ``split_sizes``.
 
   Raises:
     ValueError: naming the leaf, for rank < 2 leaves, ``None``, axes out of
-      range, repeated, or shared between reduction and output.
+      range, repeated, or shared between reduction and output, and split
+      sizes or heads that do not fit the split axis.
   """
   shape = tuple(int(d) for d in shape)
   where = f"leaf {path!r} with shape {shape}" if path else f"leaf with shape {shape}"
@@ -193,18 +429,86 @@ def matrix_layout(
       "Adam fallback (dimension numbers None, or rank < 2 leaves are routed "
       "there by route_by_path)."
     )
-  if not isinstance(dimension_numbers, MuonDimensionNumbers):
+  if not isinstance(dimension_numbers, DIMENSION_NUMBERS_TYPES):
     raise ValueError(
-      f"{where}: expected MuonDimensionNumbers or None, got {dimension_numbers!r}."
+      f"{where}: expected MuonDimensionNumbers, SplitDimensionNumbers or None, "
+      f"got {dimension_numbers!r}."
     )
+  red, out = _reduction_output(shape, dimension_numbers, where)
+  if isinstance(dimension_numbers, SplitDimensionNumbers):
+    return _split_layout(shape, red, out, dimension_numbers, where)
+  return _layout(shape, red, out)
+
+
+def _reduction_output(shape, dn, where: str):
   ndim = len(shape)
-  red = _axes(dimension_numbers.reduction_axis, ndim, "reduction_axis", where)
-  out = _axes(dimension_numbers.output_axis, ndim, "output_axis", where)
+  red = _axes(dn.reduction_axis, ndim, "reduction_axis", where)
+  out = _axes(dn.output_axis, ndim, "output_axis", where)
   if set(red) & set(out):
     raise ValueError(f"{where}: reduction_axis {red} and output_axis {out} overlap.")
-  batch = tuple(ax for ax in range(ndim) if ax not in red and ax not in out)
-  prod = lambda axes: math.prod(shape[a] for a in axes)
-  return MatrixLayout(shape, batch + red + out, prod(batch), prod(red), prod(out))
+  return red, out
+
+
+def _layout(shape, red, out, view=None) -> MatrixLayout:
+  base = shape if view is None else view
+  batch = tuple(ax for ax in range(len(base)) if ax not in red and ax not in out)
+  prod = lambda axes: math.prod(base[a] for a in axes)
+  return MatrixLayout(shape, batch + red + out, prod(batch), prod(red), prod(out), view)
+
+
+def _split_axis(shape, red, out, dn: SplitDimensionNumbers, where: str) -> int:
+  if dn.split_axis is None:
+    if len(out) != 1:
+      raise ValueError(
+        f"{where}: SplitDimensionNumbers without split_axis cuts the output "
+        f"axis, but output_axis is {out}; give split_axis."
+      )
+    return out[0]
+  if not isinstance(dn.split_axis, int):
+    raise ValueError(f"{where}: split_axis={dn.split_axis!r} must be one axis.")
+  (axis,) = _axes(dn.split_axis, len(shape), "split_axis", where)
+  if axis not in red + out:
+    raise ValueError(
+      f"{where}: split_axis {dn.split_axis} is a batch axis; it must be one "
+      f"of the reduction axes {red} or output axes {out}."
+    )
+  return axis
+
+
+def _split_layout(shape, red, out, dn: SplitDimensionNumbers, where: str):
+  """The layout of a leaf cut by :class:`SplitDimensionNumbers`."""
+  axis = _split_axis(shape, red, out, dn, where)
+  if (dn.split_sizes is None) == (dn.heads is None):
+    raise ValueError(
+      f"{where}: SplitDimensionNumbers needs exactly one of split_sizes and "
+      f"heads; got {dn!r}."
+    )
+  size = shape[axis]
+  if dn.heads is not None:
+    heads = dn.heads
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+      raise ValueError(f"{where}: heads={heads!r} must be a positive int.")
+    if size % heads:
+      raise ValueError(
+        f"{where}: heads={heads} does not divide axis {axis} of size {size}."
+      )
+    view = (*shape[:axis], heads, size // heads, *shape[axis + 1 :])
+    move = lambda axes: tuple(a + (a >= axis) for a in axes)
+    return _layout(shape, move(red), move(out), view)
+  sizes = dn.split_sizes
+  sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
+  bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+  if not sizes or bad or sum(sizes) != size:
+    raise ValueError(
+      f"{where}: split_sizes={dn.split_sizes!r} must be positive ints that "
+      f"sum to axis {axis}'s size {size}."
+    )
+  if len(sizes) == 1:
+    return _layout(shape, red, out)
+  parts = tuple(
+    _layout((*shape[:axis], s, *shape[axis + 1 :]), red, out) for s in sizes
+  )
+  return SplitLayout(shape, axis, sizes, parts)
 
 
 class Decision(NamedTuple):
@@ -352,10 +656,10 @@ class PathRouting(Routing):
   def __init__(self, rules, adam_patterns, strict: bool, label: str):
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     for pattern, dn in items:
-      if dn is not None and not isinstance(dn, MuonDimensionNumbers):
+      if dn is not None and not isinstance(dn, DIMENSION_NUMBERS_TYPES):
         raise ValueError(
           f"route_by_path: rule {pattern!r} maps to {dn!r}; expected "
-          "MuonDimensionNumbers or None (Adam)."
+          "MuonDimensionNumbers, SplitDimensionNumbers or None (Adam)."
         )
     self.rules = [(re.compile(p), dn) for p, dn in items]
     self.adam_patterns = [re.compile(p) for p in adam_patterns]
@@ -420,7 +724,7 @@ def resolve_spec(spec: DimensionNumbersSpec) -> DimensionNumbersSpec:
 
 
 def _is_spec_leaf(x) -> bool:
-  return x is None or isinstance(x, MuonDimensionNumbers)
+  return x is None or isinstance(x, DIMENSION_NUMBERS_TYPES)
 
 
 def _spec_entries(spec: Any) -> dict[tuple[str, ...], MuonDimensionNumbers | None]:
@@ -429,7 +733,8 @@ def _spec_entries(spec: Any) -> dict[tuple[str, ...], MuonDimensionNumbers | Non
     if not _is_spec_leaf(dn):
       raise ValueError(
         f"weight_dimension_numbers: the entry at {path_str(path)!r} is {dn!r}; "
-        "a spec tree holds MuonDimensionNumbers or None (Adam)."
+        "a spec tree holds MuonDimensionNumbers, SplitDimensionNumbers or None "
+        "(Adam)."
       )
     entries[_routing_names(path)] = dn
   return entries
@@ -506,9 +811,9 @@ def leaf_dimension_numbers(
       key) that matches no leaf.
   """
   spec = resolve_spec(spec)
-  if callable(spec) and not isinstance(spec, MuonDimensionNumbers):
+  if callable(spec) and not isinstance(spec, DIMENSION_NUMBERS_TYPES):
     spec = spec(tree)
-  if isinstance(spec, MuonDimensionNumbers):
+  if isinstance(spec, DIMENSION_NUMBERS_TYPES):
     return [spec] * len(jax.tree.leaves(tree, is_leaf=is_leaf))
   return _match_spec_tree(spec, tree, is_leaf)
 
@@ -533,7 +838,7 @@ def label_tree(
   labels = []
   for (path, x), dn in zip(flat, dims, strict=True):
     name = path_str(path)
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
       raise ValueError(
         f"leaf {name!r} has dtype {jnp.result_type(x)}; optax_orth optimizers "
         "need floating-point parameters (filter integer state out of the "
@@ -576,10 +881,12 @@ def route_by_path(
   :func:`routing_table` to see the result and its reasons.
 
   Args:
-    rules: ``{pattern: MuonDimensionNumbers or None}`` for stacked,
-      multi-head or convolution leaves, for example
-      ``{r"layers/.*/kernel$": MuonDimensionNumbers(1, 2)}`` for a
-      ``(layers, fan_in, fan_out)`` scan stack.
+    rules: ``{pattern: MuonDimensionNumbers, SplitDimensionNumbers or
+      None}`` for stacked, multi-head, fused or convolution leaves, for
+      example ``{r"layers/.*/kernel$": MuonDimensionNumbers(1, 2)}`` for a
+      ``(layers, fan_in, fan_out)`` scan stack, or
+      ``{r"attn/qkv/kernel$": SplitDimensionNumbers(0, 1, split_sizes=(d, d,
+      d))}`` for a fused QKV kernel.
     adam_patterns: patterns of leaves sent to Adam whatever their rank
       (default :data:`DEFAULT_ADAM_PATTERNS`).
     strict: raise instead of warning.
@@ -595,7 +902,7 @@ def _reasons(spec: DimensionNumbersSpec, params: Any) -> list[str]:
   if isinstance(spec, Routing):
     return [d.why for _, d in spec.explain(params)]
   n = len(jax.tree.leaves(params))
-  if isinstance(spec, MuonDimensionNumbers):
+  if isinstance(spec, DIMENSION_NUMBERS_TYPES):
     return ["one spec for every leaf"] * n
   if callable(spec):
     return [f"callable {getattr(spec, '__name__', type(spec).__name__)}"] * n
@@ -624,8 +931,7 @@ def routing_table(
   for (path, x), label, dn, why in rows:
     mats = "-"
     if label == "orthogonal":
-      lay = matrix_layout(jnp.shape(x), dn)
-      mats = f"{lay.batch} x {lay.fan_in} x {lay.fan_out}"
+      mats = matrix_layout(jnp.shape(x), dn).describe()
     shape = tuple(jnp.shape(x))
     why = why.replace("|", "\\|")  # a pattern's alternatives, escaped
     lines.append(f"| {leaf_name(path)} | {shape} | {label} | {mats} | {why} |")
