@@ -1,0 +1,105 @@
+r"""The hyperball step of MuonH / AdamH: every matrix keeps its Frobenius norm.
+
+For a matrix ``K`` and a direction ``D`` (Muon's ``O``, Adam's ``m / sqrt(v)``),
+the step is taken relative to the weight's norm and then projected back onto
+the sphere of radius ``||K||``:
+
+.. math::
+  \tilde K = K - \eta\, \frac{\|K\|_F}{\|D\|_F}\, D, \qquad
+  K' = \|K\|_F \frac{\tilde K}{\|\tilde K\|_F},
+
+so ``eta`` is the fraction of ``||K||`` that the step moves before the
+projection, and no weight decay is needed (the norm cannot grow). This is the
+rule ``K' = ||K|| (K + s u) / ||K + s u||`` with ``u = -eta D`` and ``s u =
+-eta ||K|| D / ||D||``, per matrix of each leaf (stacked leaves: per slice).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_orth import transforms, validation
+from optax_orth.routing import DimensionNumbersSpec
+
+
+class ScaleByHyperballState(NamedTuple):
+  """State of :func:`scale_by_hyperball`: the step count (for schedules)."""
+
+  count: jax.Array
+
+
+def _hyperball_step(lay, d, k, lr):
+  """``K' - K`` for one block of a leaf, per matrix, in float32 or wider."""
+  dt = jnp.promote_types(k.dtype, jnp.float32)
+  dm, km = lay.to_matrices(d.astype(dt)), lay.to_matrices(k.astype(dt))
+  norm = lambda x: jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+  k_norm = norm(km)
+  moved = km - lr * _ratio(k_norm, norm(dm), 0.0) * dm
+  moved = moved * _ratio(k_norm, norm(moved), 1.0)
+  return lay.from_matrices(moved - km).astype(d.dtype)
+
+
+def _ratio(a, b, default):
+  """``a / b``, and ``default`` where ``b`` is zero."""
+  return jnp.where(b > 0, a / jnp.where(b > 0, b, 1), default)
+
+
+def scale_by_hyperball(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
+) -> optax.GradientTransformation:
+  r"""The hyperball (MuonH / AdamH) step, in place of ``scale_by_learning_rate``.
+
+  Takes a direction ``D`` shaped like the parameters and returns the update
+  ``K' - K`` with, per matrix,
+
+  .. math::
+    \tilde K = K - \eta \frac{\|K\|_F}{\|D\|_F} D, \qquad
+    K' = \|K\|_F\, \tilde K / \|\tilde K\|_F.
+
+  It applies the learning rate itself (the relative step ``eta ||K|| / ||D||``
+  needs ``D`` before the learning rate), so it ends a chain:
+  ``chain(orthogonalize_momentum(), scale_by_hyperball(lr))`` is MuonH,
+  ``chain(optax.scale_by_adam(), scale_by_hyperball(lr))`` AdamH. A zero
+  direction gives a zero update; a zero matrix stays zero. Norms are taken in
+  the wider of float32 and the leaf's dtype.
+
+  Args:
+    learning_rate: ``eta``, a float or an optax schedule: the step as a
+      fraction of each matrix's norm (Levanter: ``sqrt(lr * weight_decay)``
+      of the Muon run it replaces).
+    weight_dimension_numbers: a dimension-numbers spec (``None``: the default
+      routing); the norms are per matrix of each leaf.
+
+  Returns:
+    An ``optax.GradientTransformation``; it needs ``params`` in ``update``.
+
+  References:
+    MuonH / AdamH, Levanter (``src/levanter/optim/muonh.py``, ``adamh.py``,
+    marin-community), 2025.
+  """
+  validation.check_hyperparameters({"learning_rate": learning_rate})
+  where = "scale_by_hyperball"
+
+  def init_fn(params):
+    del params
+    return ScaleByHyperballState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(f"{where} needs params in update.")
+    entries, treedef = transforms._layouts(weight_dimension_numbers, updates, where)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    outs = [
+      lay.map_parts(_hyperball_step, d, k, lr)
+      for (_, d, lay), k in zip(entries, jax.tree.leaves(params), strict=True)
+    ]
+    new_state = ScaleByHyperballState(count=optax.safe_increment(state.count))
+    return jax.tree.unflatten(treedef, outs), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

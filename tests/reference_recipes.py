@@ -1,0 +1,175 @@
+"""NumPy statements of the newer rules, one matrix at a time (Flax layout).
+
+Written from the papers and released codes, independently of the package,
+in float64; the Flax kernel is ``(fan_in, fan_out)``:
+
+* cautious weight decay: Chen et al. 2025 (arXiv 2510.12402), Algorithm 1,
+  ``x <- x - eta (u + lambda 1[u x >= 0] x)``; Dion's ``cautious_wd``.
+* AdaMuon: Si et al. 2025 (arXiv 2507.11005 v2), Algorithm 1, and the released
+  ``Chongjie-Si/AdaMuon`` ``adamuon.py``.
+* MuonH: Levanter's ``muonh.py`` (``scale_invariant_update``).
+* NorMuon over the larger axis: modded-nanogpt's NorMuon (``red_dim`` is the
+  smaller axis, the statistics run along the larger one).
+* QK-clip: Kimi K2 (arXiv 2507.20534), Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests import reference_numpy as ref
+
+
+def cautious(u, k):
+  """The paper's indicator ``1[u * k >= 0]``."""
+  return (u * k >= 0).astype(np.float64)
+
+
+class _Momentum:
+  """``M = b M + (1 - b) G`` and the (Nesterov) direction, as the references."""
+
+  def __init__(self, beta, nesterov):
+    self.beta, self.nesterov, self.m = beta, nesterov, None
+
+  def __call__(self, g):
+    b = self.beta
+    self.m = (1 - b) * g if self.m is None else b * self.m + (1 - b) * g
+    return (1 - b) * g + b * self.m if self.nesterov else self.m
+
+
+class CautiousMuon(ref.Muon):
+  """optax.contrib.muon's rule with the decay made cautious."""
+
+  def step(self, k, g):
+    b = self.beta
+    self.m = (1 - b) * g if self.m is None else b * self.m + (1 - b) * g
+    self.t += 1
+    mt = b * self.m / (1 - b ** (self.t + 1)) + (1 - b) * g / (1 - b**self.t)
+    fan_in, fan_out = k.shape
+    o = ref.ns(mt, eps=self.eps) * np.sqrt(max(1, fan_out / fan_in))
+    return k - self.lr * (o + self.wd * cautious(o, k) * k)
+
+
+class CautiousNamo:
+  """NAMO / NAMO-D (adaptive decay) with the decay made cautious."""
+
+  def __init__(self, lr, b1=0.95, b2=0.99, eps=1e-8, wd=0.1, diagonal=False, c=0.75):
+    self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, wd
+    self.diagonal, self.c = diagonal, c
+    self.mom, self.v, self.t = _Momentum(b1, True), None, 0
+
+  def step(self, k, g):
+    b1, b2 = self.b1, self.b2
+    axis = 1 if self.diagonal else None
+    g2 = np.sum(g * g, axis=axis)
+    self.v = (1 - b2) * g2 if self.v is None else b2 * self.v + (1 - b2) * g2
+    mt = self.mom(g)
+    o = ref.ns(mt)
+    self.t += 1
+    corr = self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t + 1e-12)
+    d = np.linalg.norm(mt, axis=axis) / (np.sqrt(self.v) + self.eps)
+    if self.diagonal:
+      mean = d.mean()
+      d = np.clip(d, self.c * mean, mean / self.c)[:, None]
+    alpha = corr * d
+    s = 0.2 * np.sqrt(max(k.shape))
+    shrink = np.minimum(self.wd * np.minimum(alpha, 1), 1)
+    return k - np.minimum(alpha * s, 1) * o - shrink * cautious(o, k) * k
+
+
+class AdaMuon:
+  """AdaMuon: sign-stabilized orthogonal momentum, element-wise second moment,
+  RMS-aligned rescaling, decoupled decay."""
+
+  def __init__(self, lr, b1=0.95, b2=0.999, eps=1e-8, wd=0.0, sign=True, cwd=False):
+    self.lr, self.b2, self.eps, self.wd, self.sign = lr, b2, eps, wd, sign
+    self.cwd, self.mom, self.v = cwd, _Momentum(b1, True), None
+
+  def step(self, k, g):
+    mt = self.mom(g)
+    o = ref.ns(np.sign(mt) if self.sign else mt)
+    b2 = self.b2
+    self.v = (1 - b2) * o * o if self.v is None else b2 * self.v + (1 - b2) * o * o
+    o = o / (np.sqrt(self.v) + self.eps)
+    o = o * 0.2 * np.sqrt(o.size) / (np.linalg.norm(o) + self.eps)
+    decay = self.wd * (cautious(o, k) if self.cwd else 1.0) * k
+    return k - self.lr * (o + decay)
+
+
+class MuonH:
+  """Levanter's MuonH: Muon's direction, a step relative to ||K||, projected
+  back onto the sphere of radius ||K||."""
+
+  def __init__(self, lr, beta=0.95):
+    self.lr, self.mom = lr, _Momentum(beta, True)
+
+  def step(self, k, g):
+    u = ref.ns(self.mom(g))
+    new = k - self.lr * u * np.linalg.norm(k) / np.linalg.norm(u)
+    return new / np.linalg.norm(new) * np.linalg.norm(k)
+
+
+class NorMuonAxis(ref.NorMuon):
+  """NorMuon with the second moment per input feature (``axis="fan_in"``) or
+  along the larger axis (``"larger"``, modded-nanogpt)."""
+
+  def __init__(self, lr, axis, **kw):
+    super().__init__(lr, **kw)
+    self.axis = axis
+
+  def normalize(self, o):
+    fan_in, fan_out = o.shape
+    keep_rows = self.axis == "fan_in" or (self.axis == "larger" and fan_in > fan_out)
+    if not keep_rows:
+      return super().normalize(o)
+    n0 = np.linalg.norm(o)
+    ms = np.mean(o * o, axis=1)  # per input feature: mean over the outputs
+    self.v = (
+      (1 - self.b2) * ms if self.v is None else self.b2 * self.v + (1 - self.b2) * ms
+    )
+    o = o / (np.sqrt(self.v) + self.eps)[:, None]
+    return o * n0 / (np.linalg.norm(o) + self.eps)
+
+
+def qk_clip(w_q, w_k, s_max, tau, num_heads):
+  """Kimi K2's clip of one layer: per head ``h`` with ``S_h > tau``, both
+  ``W_q^h`` and ``W_k^h`` (columns of the ``(d, heads * head_dim)`` kernels)
+  are multiplied by ``sqrt(tau / S_h)``."""
+  w_q, w_k = np.array(w_q, np.float64), np.array(w_k, np.float64)
+  hd = w_q.shape[1] // num_heads
+  for h in range(num_heads):
+    if s_max[h] > tau:
+      f = np.sqrt(tau / s_max[h])
+      w_q[:, h * hd : (h + 1) * hd] *= f
+      w_k[:, h * hd : (h + 1) * hd] *= f
+  return w_q, w_k
+
+
+def max_logits(x, w_q, w_k, num_heads):
+  """``max_{b,i<=j} q_i . k_j / sqrt(head_dim)`` per head (causal)."""
+  b, t, _ = x.shape
+  hd = w_q.shape[1] // num_heads
+  q = (x @ w_q).reshape(b, t, num_heads, hd)
+  k = (x @ w_k).reshape(b, t, num_heads, hd)
+  s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(hd)
+  causal = np.tril(np.ones((t, t), bool))
+  return np.where(causal, s, -np.inf).max(axis=(0, 2, 3))
+
+
+def assert_close_up_to_mask_flips(ours, theirs, frac=0.005, rtol=2e-4, atol=2e-5):
+  """Trajectories equal to ``rtol``/``atol`` except at a few elements.
+
+  The cautious mask ``1[u K >= 0]`` is discontinuous: where ``u`` is within
+  float32 rounding of zero, float32 and float64 may disagree on it, and that
+  element's decay (``lr * lambda * K``, small) differs. The gradients are
+  fixed in advance, so such a difference stays in its element. Allows at most
+  ``frac`` of each leaf's elements to differ, and those by at most ``1e-2``.
+  """
+  assert len(ours) == len(theirs)
+  for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+    for name in a:
+      x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
+      bad = np.abs(x - y) > atol + rtol * np.abs(y)
+      msg = f"step {step}, leaf {name}: {bad.sum()} of {bad.size} differ"
+      assert bad.mean() <= frac, msg
+      np.testing.assert_allclose(x, y, atol=1e-2, err_msg=msg)
