@@ -63,8 +63,14 @@ from optax_orth import orthogonalizers as orth
 from optax_orth.transforms import orthogonalize_grouped
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN = "<!-- single-device:begin -->"
-END = "<!-- single-device:end -->"
+
+
+def markers(label: str = "") -> tuple[str, str]:
+  """The doc markers of a run's block (``--label`` selects another block)."""
+  name = "single-device" + (f"-{label}" if label else "")
+  return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 STANDARD = (3.4445, -4.7750, 2.0315)
 
 
@@ -175,6 +181,13 @@ def main(argv=None):
   ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
   ap.add_argument("--no-doc", action="store_true")
   ap.add_argument("--skip-steps", action="store_true")
+  ap.add_argument(
+    "--label",
+    default="",
+    help="names the results file (orthogonalize_<device>_<label>.json) and the "
+    "doc block (markers single-device-<label>) so that runs of other trees "
+    "keep their own record",
+  )
   args = ap.parse_args(argv)
 
   gpu = args.device == "gpu"
@@ -399,6 +412,7 @@ def main(argv=None):
   result = {
     "device": str(device),
     "device_kind": device.device_kind,
+    "cpu_model": _cpu_model(),
     "platform": platform.platform(),
     "cpu_count": os.cpu_count(),
     "jax": jax.__version__,
@@ -421,11 +435,12 @@ def main(argv=None):
   }
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  path = out / f"orthogonalize_{args.device}.json"
+  suffix = f"_{args.label}" if args.label else ""
+  path = out / f"orthogonalize_{args.device}{suffix}.json"
   path.write_text(json.dumps(result, indent=1))
   print(f"wrote {path}")
   if not args.no_doc:
-    write_doc(Path(args.doc), result)
+    write_doc(Path(args.doc), result, args.label)
     print(f"updated {args.doc}")
 
 
@@ -434,6 +449,7 @@ def markdown(res) -> str:
     f"Measured on `{res['device_kind']}` ({res['cpu_count']} CPUs visible), "
     f"JAX {res['jax']}, optax {res['optax']}, {res['dtype']}, "
     f"{res['layers']} GPT-2 layers (d={res['width']}: {4 * res['layers']} matrices), "
+    f"CPU model `{res.get('cpu_model', 'n/a')}`, "
     f"Gram restart every {res['gram_restart']} steps. Load average "
     f"before/after: {_fmt_load(res['load_before'])} / {_fmt_load(res['load_after'])}.",
     "",
@@ -490,6 +506,16 @@ def markdown(res) -> str:
   return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def _fmt_scaled(v, scale=1e9):
   return "n/a" if v is None else f"{v / scale:.2f}"
 
@@ -498,13 +524,14 @@ def _fmt_load(load):
   return "n/a" if load is None else ", ".join(f"{v:.2f}" for v in load)
 
 
-def write_doc(path: Path, res) -> None:
+def write_doc(path: Path, res, label: str = "") -> None:
   """Replaces the block between the single-device markers (or adds it)."""
-  block = f"{BEGIN}\n{markdown(res)}\n{END}"
+  begin, end = markers(label)
+  block = f"{begin}\n{markdown(res)}\n{end}"
   text = path.read_text() if path.exists() else "# Benchmarks\n"
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + block + rest.split(END, 1)[1]
+  if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    text = head + block + rest.split(end, 1)[1]
   else:
     section = f"## Single device\n\n{block}\n"
     marker = "## Distributed"
