@@ -454,6 +454,10 @@ def test_compare_sweep_final_and_resume(tmp_path, capsys):
   names = sorted(r["optimizer"] for r in res["rows"])
   assert names == ["adamw", "adamw", "namo_d"]  # both AdamW settings, and NAMO-D
   assert "| NAMO-D |" in (out / "table.md").read_text()
+  (out / "table.md").unlink()
+  res = compare.main([*argv, "--optimizers", "namo_d", "--report"])  # trains nothing
+  assert len(_results(out)) == n + 2 and len(res["rows"]) == 3
+  assert "| AdamW |" in (out / "table.md").read_text()
   with pytest.raises(SystemExit, match="another configuration"):
     compare.main([*argv, "--optimizers", "adamw", "--steps", "12", "--resume"])
 

@@ -296,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     "and corpus must be those it was made with)",
   )
   parser.add_argument(
+    "--report",
+    action="store_true",
+    help="train nothing: rebuild table.md and the plot from <out>/results.jsonl "
+    "(implies --resume)",
+  )
+  parser.add_argument(
     "--lockstep",
     type=int,
     default=None,
@@ -342,6 +348,8 @@ def parse(argv: list[str] | None) -> Job:
     if flag in _INHERITED_HINT:
       parser.error(f"unrecognized argument {flag}: {_INHERITED_HINT[flag]}.")
   args = parser.parse_args(argv)
+  if args.report:
+    args.resume = True
   preset = PRESETS[args.preset]
   optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
   for o in optimizers:
@@ -1047,7 +1055,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   t_load = time.perf_counter()
   splits = train_lib.load_config_splits(base)
   settings, source, warnings = (None, None, [])
-  if not job.args.sweep:
+  if job.args.report:
+    source = f"{results_f} (--report: nothing trained)"
+  elif not job.args.sweep:
     settings, source, warnings = resolve_settings(job)
   peak = matmul_flops()
   load0 = os.getloadavg()
@@ -1084,9 +1094,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       n_runs += len(job.optimizers) * len(job.seeds)
   else:
     n_runs += sum(len(p) for _, _, p in todo_groups(plan_runs(job, settings), results))
+  if job.args.report:
+    n_runs = 0
   progress = Progress(n_runs, base.steps, not job.args.no_progress)
   job_args = (results, results_f, splits, groups, speed, progress)
-  if job.args.sweep:
+  if job.args.sweep and not job.args.report:
     for stage in (1, 2):
       run_plan(job, plan_runs(job, None, stage, results), *job_args)
     sweep = summarize_sweep(results)
@@ -1109,7 +1121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"warning: {w}", file=sys.stderr, flush=True)
     if job.args.and_final:
       settings, source, _ = resolve_settings(job)
-  if settings is not None:
+  if settings is not None and not job.args.report:
     run_plan(job, plan_runs(job, settings), *job_args)
   progress.close()
   for s in speed.values():
@@ -1124,6 +1136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rows = final_rows(results)
   pairs = neighbours(rows)
   parts = [header]
+  if job.args.report and sweep:
+    sweep_md = sweep_markdown(sweep)
   if sweep_md is not None:
     parts.append("## Sweep\n\n" + sweep_md)
   if rows:
