@@ -30,6 +30,21 @@ GPU's bfloat16 rate, and the iteration is as accurate as bfloat16 storage of
 
 **Complex inputs** use conjugate transposes throughout (``A = X X^H``) and
 converge to the unitary polar factor, as ``optax.contrib.muon`` does.
+
+**Invariances.** The iteration commutes with transposition, so ``NS(X.T) ==
+NS(X).T``, and the normalization makes it invariant to scaling ``X`` by a
+positive constant (up to ``eps``). A zero matrix maps to zero. The
+normalization first scales each matrix by a power of two (exactly, with
+``eps`` scaled to match), so it neither overflows nor underflows for any
+finite input.
+
+References:
+  Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+  <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+  Amsel et al., `The Polar Express: Optimal Matrix Sign Methods and Their
+  Application to the Muon Algorithm <https://arxiv.org/abs/2505.16932>`_, 2025.
+  Ahn et al., `Dion: Distributed Orthonormalized Updates
+  <https://arxiv.org/abs/2504.05295>`_, 2025.
 """
 
 from __future__ import annotations
@@ -468,34 +483,27 @@ def newton_schulz(
   (about ``c > 1.5 r`` at 5 steps). A bfloat16 ``dtype`` reads products in
   bfloat16 and does everything else, coefficients included, in float32.
 
-  The iteration commutes with transposition, so ``NS(X.T) == NS(X).T``, and
-  the normalization makes it invariant to scaling ``X`` by a positive constant
-  (up to ``eps``). A zero matrix maps to zero, and a zero-size array to
-  itself. The normalization first scales each matrix by a power of two
-  (exactly, with ``eps`` scaled to match), so it neither overflows nor
-  underflows for any finite input.
+  ``NS(X.T) == NS(X).T``; scaling ``X`` by ``s > 0`` leaves the result
+  unchanged (up to ``eps``); zero maps to zero, a zero-size array to itself,
+  and no finite input overflows (see the module docstring).
 
   Args:
-    x: array of shape ``(..., m, n)``, real or complex; leading axes are a
-      batch.
+    x: array of shape ``(..., m, n)``, real or complex; leading axes batch.
     coeffs: a preset name (``"standard"``, ``"dion"``, ``"polar_express"``), a
       row ``(a, b, c)`` repeated for every step, or ``(n, 3)`` rows.
-    steps: number of steps, a positive int; see :func:`resolve_coeffs` for how
-      it combines with ``coeffs``. Defaults to the preset's (5) or the number
-      of rows.
+    steps: a positive int, combined with ``coeffs`` as in
+      :func:`resolve_coeffs` (``None``: the preset's 5, or the number of rows).
     eps: non-negative term added to the normalizing denominator.
-    dtype: compute dtype (``None``: the dtype of ``x``), complex for complex
-      ``x``. ``jnp.bfloat16`` is the usual choice on accelerators and pays on
-      CPUs with bfloat16 matrix units (see ``docs/benchmarks.md``). The result
-      is returned in the dtype of ``x``.
+    dtype: compute dtype (``None``: ``x``'s; complex for complex ``x``).
+      ``jnp.bfloat16`` is the usual choice on accelerators and pays on CPUs
+      with bfloat16 matrix units (``docs/benchmarks.md``).
     safety: overrides the preset's safety factor.
     preconditioning: ``"frobenius"`` (default), ``"spectral"`` (divide by the
       largest singular value, computed exactly; costly), ``"aol"`` or
       ``"schatten"`` (rescalings folded into the first step, as
       ``optax.contrib.muon`` offers them).
-    unroll: unroll the steps in Python (``True``) or run them in a
-      ``lax.scan`` (``False``), which keeps compile time and the live set
-      small for many steps.
+    unroll: unroll the steps in Python, or run them in a ``lax.scan``
+      (``False``: compile time and live set stay small for many steps).
     method: ``"auto"``, ``"plain"`` or ``"gram"`` (see above).
     restart: Gram steps per segment (``None``: ``orthogonalizers.GRAM_RESTART``
       for the compute dtype). Unused by the plain method.
@@ -514,13 +522,7 @@ def newton_schulz(
       preconditioning or method, ``restart < 1``, ``eps < 0``, or ``steps``
       not a positive int.
 
-  References:
-    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
-    <https://kellerjordan.github.io/posts/muon/>`_, 2024.
-    Amsel et al., `The Polar Express: Optimal Matrix Sign Methods and Their
-    Application to the Muon Algorithm <https://arxiv.org/abs/2505.16932>`_, 2025.
-    Ahn et al., `Dion: Distributed Orthonormalized Updates
-    <https://arxiv.org/abs/2504.05295>`_, 2025.
+  References: see the module docstring.
   """
   if x.ndim < 2:
     raise ValueError(
@@ -533,9 +535,27 @@ def newton_schulz(
   if not jnp.issubdtype(in_dtype, jnp.inexact):
     raise ValueError(f"newton_schulz needs a floating-point array; got {in_dtype}.")
   arith = _arith(in_dtype, dtype)
-  symmetric = _resolve_symmetric(symmetric, arith.low_precision)
   if x.size == 0:
     return jnp.zeros(x.shape, in_dtype)
+  sym = _resolve_symmetric(symmetric, arith.low_precision)
+  options = dict(preconditioning=preconditioning, method=method, restart=restart)
+  return _iterate(x, rows, safety, eps, arith, sym, unroll, **options).astype(in_dtype)
+
+
+def _iterate(
+  x,
+  rows,
+  safety,
+  eps,
+  arith: _Arith,
+  symmetric: _Sym,
+  unroll: bool,
+  *,
+  preconditioning: str,
+  method: str,
+  restart: int | None,
+) -> jax.Array:
+  """The validated :func:`newton_schulz`: transposition, normalization, steps."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
@@ -545,16 +565,13 @@ def newton_schulz(
   if method == "auto":
     gram_wins = _gram_saves_work(r_dim, c_dim, len(rows), restart, symmetric)
     method = "gram" if gram_wins else "plain"
-
   x, first = _normalize(x, preconditioning, eps, safety, arith, symmetric)
   coeff_rows = _coefficient_rows(rows, arith, unroll)
   if method == "gram":
     x = _gram_iteration(x, coeff_rows, first, restart, arith, unroll, symmetric)
   else:
     x = _plain(x, coeff_rows, first, arith, unroll, symmetric)
-  if transposed:
-    x = jnp.swapaxes(x, -1, -2)
-  return x.astype(in_dtype)
+  return jnp.swapaxes(x, -1, -2) if transposed else x
 
 
 def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
