@@ -1,19 +1,33 @@
-"""Trains a small Flax NNX model FSDP-sharded over 8 devices with NAMO-D.
+"""FSDP training of a Flax NNX model, as the Flax guide writes it, with NAMO-D.
 
-Parameters, gradients and optimizer state are sharded over a 1-D ``("fsdp",)``
-mesh; the batch is sharded over the same axis (data parallel). NAMO-D runs
-with ``sharding=optax_orth.OwnerSharding(mesh, "fsdp")``: each weight matrix
-is orthogonalized whole on one device (the owner scheme), and the optimizer
-state's shardings come from :func:`optax_orth.state_shardings`.
+The idiomatic flow, with nothing added for the optimizer:
+
+* kernels annotated with ``nnx.with_partitioning`` (FSDP: sharded over the
+  ``"fsdp"`` mesh axis), biases and norms replicated;
+* the model created under ``jax.set_mesh(mesh)``, so that Flax creates every
+  variable already sharded;
+* ``nnx.Optimizer(model, tx, wrt=nnx.Param)``: the momentum is created like
+  the parameters, with their shardings;
+* an ``nnx.jit`` train step, called under ``jax.set_mesh(mesh)``, with no
+  ``in_shardings``/``out_shardings`` written by hand.
+
+The optimizer's default ``sharding="auto"`` sees the mesh in context when the
+step is traced and orthogonalizes every weight matrix whole on one device (the
+owner scheme, :mod:`optax_orth.sharding`); results come back in the
+parameters' layout. The script checks that the parameters and the momentum
+keep their shardings, that the compiled step has no collective-permute, and
+that the loss decreases.
 
 On a machine without 8 accelerators, 8 CPU devices are simulated (the XLA flag
 is set below, before JAX is imported). Run::
 
   python examples/distributed.py --steps 200
 
-The same script runs on one device (``--devices 1``) and on a pod (set the
-mesh to your devices; call ``jax.distributed.initialize()`` first when there
-are several processes).
+The mesh has ``Auto`` axes, as in the Flax guide "Scale up on multiple
+devices" (on ``Explicit`` axes the optimizer reads each leaf's sharding from
+its type; the model code then reshards its operands itself). ``--devices 1``
+runs on one device; on a pod, call ``jax.distributed.initialize()`` first and
+build the mesh over all devices.
 """
 
 from __future__ import annotations
@@ -40,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_orth  # noqa: E402
@@ -82,66 +96,64 @@ def teacher_batch(key, batch, w1, w2):
   return x, jnp.argmax(jnp.tanh(x @ w1) @ w2, axis=-1)
 
 
+@nnx.jit
+def train_step(model, optimizer, x, y):
+  def loss_fn(model):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def shardings(tree):
+  return [x.sharding for x in jax.tree.leaves(tree)]
+
+
 def main():
   n = jax.device_count()
   mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,))
   with jax.set_mesh(mesh):  # Flax creates the variables already sharded
     model = MLP(ARGS.width, depth=4, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  param_sh = jax.tree.map(lambda x: x.sharding, params)
-  routing = optax_orth.route_by_model(model)  # reads each layer's layout
+    routing = optax_orth.route_by_model(model)  # reads each layer's layout
+    tx = optax_orth.namo_d(ARGS.lr, weight_dimension_numbers=routing, weight_decay=0.0)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
   print(optax_orth.routing_table(params, routing))
+  before = shardings(params)
 
-  tx = optax_orth.namo_d(
-    ARGS.lr,
-    weight_dimension_numbers=routing,
-    weight_decay=0.0,
-    sharding=optax_orth.OwnerSharding(mesh, "fsdp"),
-  )
-  state_sh = optax_orth.state_shardings(tx, params, param_sh)
-  opt_state = jax.jit(tx.init, out_shardings=state_sh)(params)
-
-  data_sh = NamedSharding(mesh, P("fsdp"))
-  replicated = NamedSharding(mesh, P())
-
-  def loss_fn(p, x, y):
-    logits = nnx.merge(graphdef, p)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  def train_step(p, s, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  train_step = jax.jit(
-    train_step,
-    in_shardings=(param_sh, state_sh, data_sh, data_sh),
-    out_shardings=(param_sh, state_sh, replicated),
-    donate_argnums=(0, 1),
-  )
   k1, k2, key = jax.random.split(jax.random.key(1), 3)
   w1 = jax.random.normal(k1, (IN, 64)) / np.sqrt(IN)
   w2 = jax.random.normal(k2, (64, CLASSES)) / 8.0
-
-  x, y = teacher_batch(key, ARGS.batch, w1, w2)
-  hlo = train_step.lower(params, opt_state, x, y).compile().as_text()
+  batch = lambda k: jax.device_put(teacher_batch(k, ARGS.batch, w1, w2), P("fsdp"))
+  with jax.set_mesh(mesh):  # the step is traced with the mesh in context
+    x, y = batch(key)
+    hlo = train_step.lower(model, optimizer, x, y).compile().as_text()
+    first = None
+    for step in range(ARGS.steps):
+      key, sub = jax.random.split(key)
+      loss = float(train_step(model, optimizer, *batch(sub)))
+      first = loss if first is None else first
+      if step % 50 == 0 or step == ARGS.steps - 1:
+        print(f"step {step:4d}  loss {loss:.4f}")
   coll = optax_orth.hlo_collective_bytes(hlo, n)
   print(
     f"{n} devices; collectives per step: "
     + ", ".join(f"{k} {v['count']}" for k, v in coll.items() if k != "total")
   )
-  first = None
-  for step in range(ARGS.steps):
-    key, sub = jax.random.split(key)
-    x, y = teacher_batch(sub, ARGS.batch, w1, w2)
-    params, opt_state, loss = train_step(params, opt_state, x, y)
-    first = float(loss) if first is None else first
-    if step % 50 == 0 or step == ARGS.steps - 1:
-      print(f"step {step:4d}  loss {float(loss):.4f}")
-  kernel = params["blocks"][0]["kernel"]
+  kernel = model.blocks[0].kernel[...]
   print(f"blocks/0/kernel: {kernel.shape}, {kernel.sharding.spec}")
-  print(f"loss {first:.4f} -> {float(loss):.4f}")
-  assert float(loss) < first, "the loss did not decrease"
+  for x, sh in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), before, strict=True):
+    assert x.sharding.is_equivalent_to(sh, x.ndim), "the parameters moved"
+  # Every state leaf shaped like a matrix parameter (the momentum) is sharded
+  # over the 8 devices, as FSDP wants: each holds 1/8 of it.
+  for x in jax.tree.leaves(nnx.as_pure(optimizer.opt_state)):
+    if x.ndim == 2 and x.shape[0] == x.shape[1] == ARGS.width:
+      assert np.prod(x.sharding.shard_shape(x.shape)) * n == x.size, x.sharding
+  print(f"loss {first:.4f} -> {loss:.4f}")
+  assert coll["collective-permute"]["count"] == 0, coll
+  assert loss < first, "the loss did not decrease"
 
 
 if __name__ == "__main__":

@@ -55,11 +55,14 @@ __all__ = [
   "AUTO",
   "OwnerSharding",
   "ShardingLike",
+  "check_sharding",
   "hlo_collective_bytes",
   "keep_layout",
   "owner_axes",
   "owner_layouts",
   "owner_orthogonalize",
+  "plain_treedef",
+  "spec_axes",
   "state_shardings",
 ]
 
@@ -262,7 +265,7 @@ def owner_orthogonalize(
   ambient = _context_mesh(members)
   explicit = () if ambient is None else _explicit_axes(ambient)
   sharded = any(dim for x in members for dim in spec_axes(x))
-  if not (explicit and sharded):
+  if not explicit or (mesh is None and not sharded):
     if mesh is None:
       return _plain(list(members), orthogonalizer)
     return _owner(list(members), orthogonalizer, mesh, axes, n)
@@ -404,6 +407,24 @@ def _owner(members, orthogonalizer, mesh, axes, n):
       rest_offset += b - q * n
     outs.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
   return outs
+
+
+def plain_treedef(tree: Any) -> Any:
+  """The treedef of ``tree`` with its Flax ``Variable`` nodes replaced by values.
+
+  For optimizer-state leaves that are not shaped like their parameter (the
+  per-matrix statistics of NAMO, NAMO-D and NorMuon): unflattened with the
+  parameters' own treedef, each would be a ``Variable`` carrying the
+  parameter's sharding annotation, which ``nnx.Optimizer`` applies to it (and
+  fails on, for example ``P("fsdp", None)`` on a ``(1, fan_in)`` array).
+  A ``Variable`` is recognized by its ``get_value`` and ``get_metadata``
+  methods; other trees are unchanged.
+  """
+  is_var = lambda x: hasattr(x, "get_value") and hasattr(x, "get_metadata")
+  plain = jax.tree.map(
+    lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var
+  )
+  return jax.tree.structure(plain)
 
 
 # ---------------------------------------------------------------------------

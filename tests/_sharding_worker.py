@@ -2,13 +2,19 @@
 
 Usage:
   python -m tests._sharding_worker compare OUT.json      # 8 simulated devices
+  python -m tests._sharding_worker default gpt|moe OUT.json  # 8 devices
   python -m tests._sharding_worker reference OUT.npz     # one device
   python -m tests._sharding_worker process ID PORT OUT.npz  # 1 of 2 processes
 
-``compare`` sets ``--xla_force_host_platform_device_count=8`` itself and
-writes, for every optimizer and mesh, the largest difference between the
-sharded updates and the single-device updates. ``process`` runs one of two
-processes of 4 CPU devices each (gloo collectives on 127.0.0.1) and process 0
+``compare`` and ``default`` set ``--xla_force_host_platform_device_count=8``
+themselves. ``compare`` writes, for every optimizer and mesh, the largest
+difference between the sharded updates (``sharding=OwnerSharding(...)``,
+``out_shardings`` from ``state_shardings``) and the single-device updates.
+``default`` measures the default path (no ``sharding=``, plain ``jax.jit``
+under ``jax.set_mesh``, no in/out shardings): a GPT-shaped tree against
+``optax.contrib.muon``, MoE expert weights and tensor-parallel kernels on a
+2-D mesh (see :func:`default`). ``process`` runs one of two processes of 4 CPU
+devices each (gloo collectives on 127.0.0.1), the default path, and process 0
 writes the sharded updates; ``reference`` writes the same on one device.
 """
 
@@ -19,7 +25,7 @@ import os
 import sys
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "compare"
-if MODE == "compare":
+if MODE in ("compare", "default"):
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 elif MODE == "process":
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -27,6 +33,7 @@ elif MODE == "process":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -178,13 +185,14 @@ def compare(out_path):
     "fsdp4_model2": (mesh_2d, SPECS_2D, optax_orth.OwnerSharding(mesh_2d, "fsdp")),
     "fsdp4_model2_all": (mesh_2d, SPECS_2D, optax_orth.OwnerSharding(mesh_2d)),
   }
+  txs = optimizers(None)
   reference = {
-    name: run_single(tx, params, grads) for name, tx in optimizers(None).items()
+    k: run_single(txs[k], params, grads) for k in ("muon", "namo_d", "normuon")
   }
   result = {"diff": {}, "collectives": {}}
   for cname, (mesh, specs, sharding) in configs.items():
     names = {
-      "fsdp8": list(reference),
+      "fsdp8": ["muon", "normuon"],
       "fsdp4_model2": ["namo_d"],
       "fsdp4_model2_all": ["muon"],
     }[cname]
@@ -207,9 +215,160 @@ def compare(out_path):
     json.dump(result, f, indent=1)
 
 
+# ---------------------------------------------------------------------------
+# The default path: no sharding=, plain jax.jit under jax.set_mesh.
+
+DIMS_2D = DimNums(0, 1)
+
+
+def gpt_tree(layers=16, d=64, seed=0):
+  """``layers`` x (qkv, attn_out, mlp_up, mlp_down): separate 2-D kernels."""
+  rng = np.random.default_rng(seed)
+  shapes = {"qkv": (d, 3 * d), "attn_out": (d, d), "mlp_up": (d, 4 * d)}
+  shapes["mlp_down"] = (4 * d, d)
+  return {
+    f"layer{i}": {
+      k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()
+    }
+    for i in range(layers)
+  }
+
+
+def default_optimizers(dims):
+  return {
+    "muon": optax_orth.muon(0.02, weight_decay=0.1, muon_weight_dimension_numbers=dims),
+    "namo": optax_orth.namo(0.02, weight_dimension_numbers=dims),
+    "namo_d": optax_orth.namo_d(0.02, weight_dimension_numbers=dims),
+    "normuon": optax_orth.normuon(0.02, weight_dimension_numbers=dims),
+  }
+
+
+def _flops(compiled):
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def measure_default(tx, params, grads, mesh, specs):
+  """One update on one device and under ``jax.set_mesh(mesh)``, both plain jit.
+
+  ``specs``: a tree like ``params`` of ``PartitionSpec``. Returns the largest
+  difference, per-device FLOPs over (one-device FLOPs / N), the collectives,
+  and whether every update and state leaf came back in its input's sharding.
+  """
+  state = tx.init(params)
+  single = jax.jit(tx.update)
+  want, _ = single(grads, state, params)
+  flops_1 = _flops(single.lower(grads, state, params).compile())
+  with jax.set_mesh(mesh):
+    sh = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
+    p_d, g_d = jax.device_put(params, sh), jax.device_put(grads, sh)
+    s_d = tx.init(p_d)  # eagerly, as nnx.Optimizer does: like the params
+    update = jax.jit(tx.update)
+    compiled = update.lower(g_d, s_d, p_d).compile()
+    got, s_new = update(g_d, s_d, p_d)
+  diff = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+  )
+  # Every update, and every state leaf that came in sharded (the momentum),
+  # goes out in the sharding its input had.
+  same = lambda xs, ys: all(
+    x.sharding.is_equivalent_to(y.sharding, x.ndim)
+    for x, y in zip(jax.tree.leaves(xs), jax.tree.leaves(ys), strict=True)
+    if not y.sharding.is_fully_replicated
+  )
+  return {
+    "diff": diff,
+    "flops_ratio": _flops(compiled) / (flops_1 / mesh.size),
+    "collectives": optax_orth.hlo_collective_bytes(compiled.as_text(), mesh.size),
+    "layout_kept": same(got, g_d) and same(s_new, s_d),
+  }
+
+
+def default_gpt(result):
+  """The issue's configuration: 64 kernels FSDP-sharded on axis 0."""
+  params = gpt_tree()
+  grads = jax.tree.map(lambda x: 0.5 * x + 0.1, gpt_tree(seed=1))
+  specs = jax.tree.map(lambda _: P("fsdp", None), params)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  for name, tx in default_optimizers(DIMS_2D).items():
+    result[f"gpt/{name}"] = measure_default(tx, params, grads, mesh, specs)
+  tx = optax.contrib.muon(0.02, muon_weight_dimension_numbers=DIMS_2D)
+  result["gpt/optax.contrib.muon"] = measure_default(tx, params, grads, mesh, specs)
+  mesh_e = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  tx = default_optimizers(DIMS_2D)["namo_d"]
+  result["gpt_explicit/namo_d"] = measure_default(tx, params, grads, mesh_e, specs)
+
+
+def default_moe(result):
+  """MoE experts ``(layers, experts, in, out)``, the expert axis sharded."""
+  rng = np.random.default_rng(2)
+  shape = (2, 8, 32, 48)
+  params = {"experts": rng.standard_normal(shape).astype(np.float32)}
+  grads = {"experts": rng.standard_normal(shape).astype(np.float32)}
+  specs = {"experts": P(None, "expert", None, None)}
+  dims = {"experts": DimNums(2, 3)}
+  # On Explicit axes only muon: the per-matrix statistics of the other blocks
+  # reshape (layers, experts@expert) to one batch axis, which JAX rejects there.
+  for kind, names in (
+    (AxisType.Auto, ("muon", "normuon")),
+    (AxisType.Explicit, ("muon",)),
+  ):
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(kind,))
+    for name in names:
+      tx = default_optimizers(dims)[name]
+      key = f"moe_{str(kind).split('.')[-1].lower()}/{name}"
+      result[key] = measure_default(tx, params, grads, mesh, specs)
+
+
+def default_tensor_parallel(result):
+  """A ("data", "model") mesh; kernels sharded over both (FSDP x TP)."""
+  params = gpt_tree(layers=8)
+  grads = jax.tree.map(lambda x: 0.5 * x + 0.1, gpt_tree(layers=8, seed=1))
+  spec = {"qkv": P("data", "model"), "attn_out": P("model", "data")}
+  spec |= {"mlp_up": P("data", "model"), "mlp_down": P("model", "data")}
+  specs = {k: dict(spec) for k in params}
+  for kind in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+    tx = default_optimizers(DIMS_2D)["namo_d"]
+    key = f"tp_{str(kind).split('.')[-1].lower()}/namo_d"
+    result[key] = measure_default(tx, params, grads, mesh, specs)
+  result["tp_param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def default(part, out_path):
+  """``part``: ``gpt`` (the issue's tree), or ``moe`` (MoE and the 2-D mesh)."""
+  result = {}
+  if part == "gpt":
+    default_gpt(result)
+  else:
+    default_moe(result)
+    default_tensor_parallel(result)
+  with open(out_path, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+def run_default(tx, params, grads, mesh, specs):
+  """Updates of every step: plain jit under jax.set_mesh, no sharding=."""
+  p_sh = {k: NamedSharding(mesh, specs[k]) for k in params}
+  replicated = NamedSharding(mesh, P())
+  with jax.set_mesh(mesh):
+    params_d = put(params, p_sh)
+    state = tx.init(params_d)
+    update = jax.jit(tx.update)
+    gather = jax.jit(lambda t: t, out_shardings=replicated)
+    out = []
+    for g in grads:
+      u, state = update(put(g, p_sh), state, params_d)
+      for k, x in u.items():
+        assert x.sharding.is_equivalent_to(p_sh[k], x.ndim), (k, x.sharding)
+      out.append(jax.tree.map(np.asarray, gather(u)))
+  return out
+
+
 def updates_for_processes(tx, mesh):
   params, grads = data(1)
-  got, _ = run_sharded(tx, params, grads, mesh, SPECS_1D)
+  got = run_default(tx, params, grads, mesh, SPECS_1D)
   return {f"{i}/{k}": v for i, u in enumerate(got) for k, v in u.items()}
 
 
@@ -223,7 +382,7 @@ def process(pid, port, out_path):
   )
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
-  tx = optimizers(optax_orth.OwnerSharding(mesh, "fsdp"))["namo_d"]
+  tx = optimizers("auto")["namo_d"]  # the default
   out = updates_for_processes(tx, mesh)
   if pid == 0:
     np.savez(out_path, **out)
@@ -239,6 +398,8 @@ def reference_single(out_path):
 if __name__ == "__main__":
   if MODE == "compare":
     compare(sys.argv[2])
+  elif MODE == "default":
+    default(sys.argv[2], sys.argv[3])
   elif MODE == "process":
     process(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
   elif MODE == "reference":
