@@ -1,7 +1,10 @@
 """optax_orth: orthogonalized-momentum optimizers as composable Optax blocks."""
 
+from optax_orth import adam as adam
 from optax_orth import diagnostics as diagnostics
-from optax_orth.aliases import muon, namo, namo_d, normuon
+from optax_orth import interop as interop
+from optax_orth.aliases import adamuon, muon, namo, namo_d, normuon
+from optax_orth.hyperball import ScaleByHyperballState, scale_by_hyperball
 from optax_orth.model_routing import ModelRouting, route_by_model
 from optax_orth.orthogonalizers import (
   PRESETS,
@@ -13,11 +16,14 @@ from optax_orth.orthogonalizers import (
   newton_schulz_flops,
   polar_svd,
 )
+from optax_orth.qk_clip import QKClipSlice, QKClipState, qk_clip
+from optax_orth.rescale import scale_to_rms
 from optax_orth.routing import (
   DEFAULT_ADAM_PATTERNS,
   MatrixLayout,
   MuonDimensionNumbers,
   RoutingWarning,
+  SplitDimensionNumbers,
   label_tree,
   matrix_layout,
   route_by_path,
@@ -40,12 +46,17 @@ from optax_orth.transforms import (
   scale_by_shape,
   shape_scale,
 )
+from optax_orth.weight_decay import (
+  AddCautiousWeightDecayState,
+  add_cautious_weight_decay,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
   "DEFAULT_ADAM_PATTERNS",
   "PRESETS",
+  "AddCautiousWeightDecayState",
   "MatrixLayout",
   "ModelRouting",
   "MomentumStatistics",
@@ -55,9 +66,15 @@ __all__ = [
   "OrthogonalizeMomentumState",
   "Orthogonalizer",
   "OwnerSharding",
+  "QKClipSlice",
+  "QKClipState",
   "RoutingWarning",
+  "ScaleByHyperballState",
   "ScaleByNeuronRmsState",
   "ScaleByNormAdaptiveState",
+  "SplitDimensionNumbers",
+  "adamuon",
+  "add_cautious_weight_decay",
   "clamp_diagonal",
   "hlo_collective_bytes",
   "label_tree",
@@ -71,12 +88,15 @@ __all__ = [
   "normuon",
   "orthogonalize_momentum",
   "polar_svd",
+  "qk_clip",
   "route_by_model",
   "route_by_path",
   "routing_table",
+  "scale_by_hyperball",
   "scale_by_neuron_rms",
   "scale_by_norm_adaptive",
   "scale_by_shape",
+  "scale_to_rms",
   "shape_scale",
   "state_shardings",
 ]

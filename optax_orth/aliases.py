@@ -13,19 +13,23 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_orth import adam as adam_lib
 from optax_orth import orthogonalizers as orth_lib
-from optax_orth import routing, transforms, validation
+from optax_orth import rescale, routing, transforms, validation
+from optax_orth import weight_decay as wd_lib
 from optax_orth.routing import DimensionNumbersSpec
-from optax_orth.sharding import OwnerSharding
+from optax_orth.sharding import AUTO, ShardingLike
 
-#: The names of the two branches of every optimizer's ``optax.partition``.
+#: The names of the two branches of the optimizers' ``optax.partition``.
+#: :func:`muon` names its orthogonal branch ``"muon"``, as optax does.
 ORTHOGONAL, ADAM = "orthogonal", "adam"
 
 
-def _parameter_shapes(state: optax.PartitionState) -> Any:
+def _parameter_shapes(state: optax.PartitionState, labels: tuple[str, str]) -> Any:
   """The parameters' tree, rebuilt from the two branches' first moments.
 
   The orthogonal branch keeps its momentum in an
@@ -33,6 +37,7 @@ def _parameter_shapes(state: optax.PartitionState) -> Any:
   ``optax.ScaleByAdamState``; each holds its branch's leaves and
   ``optax.MaskedNode`` elsewhere. Found by type.
   """
+  matrix_label, adam_label = labels
   if not isinstance(state, optax.PartitionState):
     raise ValueError(
       "update: expected the state that this optimizer's init returned (an "
@@ -40,15 +45,15 @@ def _parameter_shapes(state: optax.PartitionState) -> Any:
     )
   moments = []
   for label, cls in (
-    (ORTHOGONAL, transforms.OrthogonalizeMomentumState),
-    (ADAM, optax.ScaleByAdamState),
+    (matrix_label, transforms.OrthogonalizeMomentumState),
+    (adam_label, adam_lib.ScaleByAdamState),
   ):
     found = transforms.find_states(state.inner_states.get(label), cls)
     if len(found) != 1:
       raise ValueError(
         f"update: the {label!r} branch of the state should hold one "
         f"{cls.__name__}; found {len(found)}. Pass the state that this "
-        "optimizer's init returned."
+        "optimizer's init returned (called init first?)."
       )
     moments.append(found[0].mu)
   leaves, treedef = jax.tree.flatten(moments[0], is_leaf=validation.is_masked)
@@ -64,15 +69,17 @@ def _partition(
   orthogonal: optax.GradientTransformation,
   adam: optax.GradientTransformation,
   spec: DimensionNumbersSpec,
+  labels: tuple[str, str] = (ORTHOGONAL, ADAM),
 ) -> optax.GradientTransformationExtraArgs:
   tx = optax.partition(
-    {ORTHOGONAL: orthogonal, ADAM: adam},
-    lambda params: routing.label_tree(params, spec, ORTHOGONAL, ADAM),
+    dict(zip(labels, (orthogonal, adam), strict=True)),
+    lambda params: routing.label_tree(params, spec, *labels),
   )
 
   def update_fn(updates, state, params=None, **extra_args):
     # Name the offending leaf before optax.partition fails on a bare tree error.
-    validation.check_matches_state(updates, _parameter_shapes(state), "update")
+    reference = _parameter_shapes(state, labels)
+    validation.check_matches_state(updates, reference, "update")
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -81,11 +88,31 @@ def _partition(
 def _adam_fallback(
   learning_rate: optax.ScalarOrSchedule,
   adam_learning_rate: optax.ScalarOrSchedule | None,
+  cautious_weight_decay: bool = False,
   **adamw_kwargs,
 ) -> optax.GradientTransformation:
-  """AdamW for the non-matrix leaves, at ``learning_rate`` unless overridden."""
+  """AdamW for the non-matrix leaves, at ``learning_rate`` unless overridden.
+
+  :func:`optax_orth.adam.adamw`: ``optax.adamw``'s rule, overflow-safe; with
+  ``cautious_weight_decay``, its decay is
+  :func:`optax_orth.add_cautious_weight_decay`.
+  """
   lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-  return optax.adamw(learning_rate=lr, **adamw_kwargs)
+  if not cautious_weight_decay:
+    return adam_lib.adamw(learning_rate=lr, **adamw_kwargs)
+  wd = adamw_kwargs.pop("weight_decay", 0.0)
+  return optax.chain(
+    adam_lib.scale_by_adam(**adamw_kwargs),
+    wd_lib.add_cautious_weight_decay(wd),
+    optax.scale_by_learning_rate(lr),
+  )
+
+
+def _decay(weight_decay, mask, cautious: bool) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights``, or its cautious form."""
+  if cautious:
+    return wd_lib.add_cautious_weight_decay(weight_decay, mask)
+  return optax.add_decayed_weights(weight_decay, mask)
 
 
 def _optax_ns_steps(ns_coeffs, ns_steps: int) -> int | None:
@@ -122,6 +149,7 @@ def muon(
   weight_decay_mask: Any = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   *,
+  cautious_weight_decay: bool = False,
   nesterov: bool = True,
   adaptive: bool = False,
   preconditioning: orth_lib.Preconditioning = "frobenius",
@@ -134,7 +162,7 @@ def muon(
   consistent_rms: float | None = None,
   ns_dtype: jax.typing.DTypeLike | None = None,
   orthogonalizer: orth_lib.Orthogonalizer | None = None,
-  sharding: OwnerSharding | None = None,
+  sharding: ShardingLike = AUTO,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Muon: momentum orthogonalized by Newton–Schulz; a drop-in for optax's.
 
@@ -165,6 +193,9 @@ def muon(
     weight_decay: decoupled weight decay of the matrices (times ``lr``).
     weight_decay_mask: mask (or callable) for that decay, as in optax.
     mu_dtype: momentum dtype.
+    cautious_weight_decay: decay only where the update and the weight agree
+      in sign (:func:`optax_orth.add_cautious_weight_decay`), in both
+      branches.
     nesterov: Nesterov momentum (both branches).
     adaptive: scale by the dual norm ``<Mt, O>``.
     preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"``,
@@ -184,9 +215,11 @@ def muon(
     ns_dtype: Newton–Schulz compute dtype (``None``: the momentum's).
     orthogonalizer: replaces Newton–Schulz, see
       :func:`optax_orth.orthogonalize_momentum`.
-    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
-      each matrix whole on one device of a mesh (the owner scheme, see
-      :mod:`optax_orth.sharding`); a no-op without a mesh.
+    sharding: ``"auto"`` (the default): with a mesh in context
+      (``jax.set_mesh``), orthogonalize each matrix whole on one device of the
+      mesh axes that shard it (the owner scheme, see
+      :mod:`optax_orth.sharding`); ``None``: off; or an
+      :class:`optax_orth.OwnerSharding`. A no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -220,12 +253,13 @@ def muon(
       sharding=sharding,
     ),
     transforms.scale_by_shape(spec, consistent_rms),
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    _decay(weight_decay, weight_decay_mask, cautious_weight_decay),
     optax.scale_by_learning_rate(learning_rate),
   )
   adam = _adam_fallback(
     learning_rate,
     adam_learning_rate,
+    cautious_weight_decay,
     b1=adam_b1,
     b2=adam_b2,
     eps=eps,
@@ -234,7 +268,7 @@ def muon(
     mu_dtype=mu_dtype,
     nesterov=nesterov,
   )
-  return _partition(orthogonal, adam, spec)
+  return _partition(orthogonal, adam, spec, labels=("muon", ADAM))
 
 
 def namo(
@@ -245,6 +279,7 @@ def namo(
   eps: float = 1e-8,
   weight_decay: float = 0.1,
   weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+  cautious_weight_decay: bool = False,
   granularity: Literal["matrix", "input_feature"] = "matrix",
   clamp: float | None = None,
   nesterov: bool = True,
@@ -260,7 +295,7 @@ def namo(
   adam_b2: float = 0.95,
   adam_eps: float = 1e-8,
   adam_weight_decay: float = 0.0,
-  sharding: OwnerSharding | None = None,
+  sharding: ShardingLike = AUTO,
 ) -> optax.GradientTransformationExtraArgs:
   r"""NAMO: orthogonalized momentum with one adaptive step size per matrix.
 
@@ -296,6 +331,9 @@ def namo(
     eps: added to ``sqrt(v)``.
     weight_decay: ``lambda``.
     weight_decay_mode: ``"adaptive"`` (reference) or ``"decoupled"``.
+    cautious_weight_decay: apply the decay only where ``O K >= 0``, where
+      the step already shrinks the weight
+      (:func:`optax_orth.add_cautious_weight_decay`), in both branches.
     granularity: one step size per matrix (``"matrix"``, NAMO) or per input
       feature (``"input_feature"``, NAMO-D).
     clamp: ``None`` (no clamp), or NAMO-D's clamp ``c`` of the step sizes
@@ -317,9 +355,11 @@ def namo(
     adam_b2: Adam's ``b2``.
     adam_eps: Adam's ``eps``.
     adam_weight_decay: Adam's weight decay.
-    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
-      each matrix whole on one device of a mesh (the owner scheme, see
-      :mod:`optax_orth.sharding`); a no-op without a mesh.
+    sharding: ``"auto"`` (the default): with a mesh in context
+      (``jax.set_mesh``), orthogonalize each matrix whole on one device of the
+      mesh axes that shard it (the owner scheme, see
+      :mod:`optax_orth.sharding`); ``None``: off; or an
+      :class:`optax_orth.OwnerSharding`. A no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -354,11 +394,13 @@ def namo(
     scale_coeff=scale_coeff,
     weight_decay=weight_decay,
     weight_decay_mode=weight_decay_mode,
+    cautious_weight_decay=cautious_weight_decay,
     weight_dimension_numbers=spec,
   )
   adam = _adam_fallback(
     learning_rate,
     adam_learning_rate,
+    cautious_weight_decay,
     b1=adam_b1,
     b2=adam_b2,
     eps=adam_eps,
@@ -442,6 +484,7 @@ def normuon(
   b2: float = 0.95,
   eps: float = 1e-10,
   weight_decay: float = 0.0,
+  cautious_weight_decay: bool = False,
   nesterov: bool = True,
   target_rms: float | None = None,
   ns_coeffs: orth_lib.CoeffsLike = "standard",
@@ -455,7 +498,7 @@ def normuon(
   adam_b2: float = 0.95,
   adam_eps: float = 1e-10,
   adam_weight_decay: float = 0.0,
-  sharding: OwnerSharding | None = None,
+  sharding: ShardingLike = AUTO,
 ) -> optax.GradientTransformationExtraArgs:
   r"""NorMuon: Muon followed by per-neuron second-moment normalization.
 
@@ -485,6 +528,9 @@ def normuon(
     b2: decay of the per-neuron second moment.
     eps: added to the denominators.
     weight_decay: decoupled weight decay (times ``lr``).
+    cautious_weight_decay: decay only where the update and the weight agree
+      in sign (:func:`optax_orth.add_cautious_weight_decay`), in both
+      branches.
     nesterov: Nesterov momentum.
     target_rms: ``None`` (released code) or the paper's fixed RMS.
     ns_coeffs: Newton–Schulz coefficients (preset name or rows).
@@ -500,9 +546,11 @@ def normuon(
     adam_b2: Adam's ``b2``.
     adam_eps: Adam's ``eps``.
     adam_weight_decay: Adam's weight decay.
-    sharding: ``None`` or an :class:`optax_orth.OwnerSharding`: orthogonalize
-      each matrix whole on one device of a mesh (the owner scheme, see
-      :mod:`optax_orth.sharding`); a no-op without a mesh.
+    sharding: ``"auto"`` (the default): with a mesh in context
+      (``jax.set_mesh``), orthogonalize each matrix whole on one device of the
+      mesh axes that shard it (the owner scheme, see
+      :mod:`optax_orth.sharding`); ``None``: off; or an
+      :class:`optax_orth.OwnerSharding`. A no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -532,15 +580,130 @@ def normuon(
   if target_rms is None:
     blocks.append(transforms.scale_by_shape(spec))
   blocks += [
-    optax.add_decayed_weights(weight_decay),
+    _decay(weight_decay, None, cautious_weight_decay),
     optax.scale_by_learning_rate(learning_rate),
   ]
   adam = _adam_fallback(
     learning_rate,
     adam_learning_rate,
+    cautious_weight_decay,
     b1=adam_b1,
     b2=adam_b2,
     eps=adam_eps,
     weight_decay=adam_weight_decay,
   )
   return _partition(optax.chain(*blocks), adam, spec)
+
+
+def adamuon(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: float = 0.95,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.01,
+  cautious_weight_decay: bool = False,
+  sign_momentum: bool = True,
+  target_rms: float = 0.2,
+  nesterov: bool = True,
+  ns_coeffs: orth_lib.CoeffsLike = "standard",
+  ns_steps: int | None = None,
+  ns_eps: float = 1e-7,
+  ns_dtype: jax.typing.DTypeLike | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  weight_dimension_numbers: DimensionNumbersSpec = None,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.95,
+  adam_eps: float = 1e-8,
+  adam_weight_decay: float = 0.0,
+  sharding: ShardingLike = AUTO,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaMuon: orthogonalized sign momentum, element-wise second moment, RMS 0.2.
+
+  For each matrix ``K`` (``m x n``):
+
+  .. math::
+    O_t = \mathrm{NS}(\mathrm{sign}(\tilde M_t)), \quad
+    V_t = b_2 V_{t-1} + (1 - b_2)\, O_t \odot O_t, \quad
+    \hat O_t = O_t \oslash (\sqrt{V_t} + \epsilon),
+
+    K \leftarrow K - \eta \left(\frac{r \sqrt{mn}}{\|\hat O_t\|_F
+      + \epsilon} \hat O_t + \lambda K\right),
+
+  with ``r = target_rms = 0.2`` (the RMS of a typical Adam step, so that
+  AdamW's learning rate carries over) and Muon's (Nesterov) momentum
+  ``Mt``. ``sign_momentum=False`` orthogonalizes ``Mt`` itself, as the
+  released code does. Composition::
+
+    partition(orthogonal=chain(orthogonalize_momentum(orthogonalizer=NS o sign),
+                               optax.scale_by_rms(b2, eps, eps_in_sqrt=False),
+                               scale_to_rms(target_rms), add_decayed_weights,
+                               scale_by_learning_rate),
+              adam=adamw)
+
+  Args:
+    learning_rate: a float or an optax schedule; AdamW's is a good start.
+    b1: momentum decay.
+    b2: decay of the element-wise second moment (``0.999``, the released
+      code's).
+    eps: added to ``sqrt(V)`` and to ``||O_hat||``.
+    weight_decay: decoupled weight decay (times ``lr``; ``0.01``, the released
+      code's).
+    cautious_weight_decay: decay only where the update and the weight agree
+      in sign (:func:`optax_orth.add_cautious_weight_decay`), in both
+      branches.
+    sign_momentum: orthogonalize ``sign(Mt)`` (the paper's sign-stabilized
+      update) or ``Mt``.
+    target_rms: the RMS ``r`` of each matrix's update before the learning
+      rate.
+    nesterov: Nesterov momentum.
+    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
+    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
+    ns_eps: Newton–Schulz normalization epsilon.
+    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
+    mu_dtype: momentum dtype.
+    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
+      is the default routing, ``optax_orth.route_by_path()``.
+    adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
+    adam_b1: Adam's ``b1``.
+    adam_b2: Adam's ``b2``.
+    adam_eps: Adam's ``eps``.
+    adam_weight_decay: Adam's weight decay.
+    sharding: as in :func:`namo`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Si, Zhang and Shen, `AdaMuon: Adaptive Muon Optimizer
+    <https://arxiv.org/abs/2507.11005>`_, 2025 (Algorithm 1); released code
+    ``Chongjie-Si/AdaMuon``.
+  """
+  validation.check_hyperparameters(locals())
+  spec = weight_dimension_numbers
+  ns = orth_lib.make_newton_schulz(ns_coeffs, ns_steps, ns_eps, ns_dtype)
+  orthogonal = optax.chain(
+    transforms.orthogonalize_momentum(
+      b1,
+      nesterov=nesterov,
+      mu_dtype=mu_dtype,
+      orthogonalizer=(lambda x: ns(jnp.sign(x))) if sign_momentum else ns,
+      weight_dimension_numbers=spec,
+      sharding=sharding,
+    ),
+    optax.scale_by_rms(b2, eps, eps_in_sqrt=False),
+    rescale.scale_to_rms(target_rms, eps, weight_dimension_numbers=spec),
+    _decay(weight_decay, None, cautious_weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+  adam = _adam_fallback(
+    learning_rate,
+    adam_learning_rate,
+    cautious_weight_decay,
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=adam_eps,
+    weight_decay=adam_weight_decay,
+  )
+  return _partition(orthogonal, adam, spec)

@@ -57,6 +57,7 @@ from optax.transforms import MaskedNode
 
 from optax_orth.routing import (
   DimensionNumbersSpec,
+  Parts,
   leaf_dimension_numbers,
   matrix_layout,
   path_str,
@@ -316,8 +317,11 @@ def update_metrics(
       per_leaf.append(None)
       continue
     lay = matrix_layout(jnp.shape(x), dn, path_str(path))
-    m = lay.to_matrices(jnp.asarray(x).astype(jnp.float32))
-    per_leaf.append(matrix_metrics(m, spectral_norm_iterations))
+    one = lambda p, xp: matrix_metrics(p.to_matrices(xp), spectral_norm_iterations)
+    metrics = lay.each(one, jnp.asarray(x).astype(jnp.float32))
+    if isinstance(metrics, Parts):  # a split leaf: its blocks' matrices, in order
+      metrics = {k: jnp.concatenate([m[k] for m in metrics]) for k in metrics[0]}
+    per_leaf.append(metrics)
   return {
     name: jax.tree.unflatten(
       treedef, [None if d is None else d[name].astype(jnp.float32) for d in per_leaf]
@@ -327,13 +331,21 @@ def update_metrics(
 
 
 def _by_path(tree) -> dict[str, Any]:
-  """``{path: leaf}`` of the present (non-masked) leaves of a state tree."""
+  """``{path: leaf}`` of the present (non-masked) leaves of a state tree; a
+  split leaf's :class:`~optax_orth.routing.Parts` is one leaf."""
   flat = jax.tree_util.tree_flatten_with_path(
-    tree, is_leaf=lambda x: isinstance(x, MaskedNode) or x is None
+    tree, is_leaf=lambda x: isinstance(x, MaskedNode | Parts) or x is None
   )[0]
   return {
     path_str(p): x for p, x in flat if not (isinstance(x, MaskedNode) or x is None)
   }
+
+
+def _blocks(fn, *xs):
+  """``fn(*xs)``; for a split leaf's Parts, the blocks' results concatenated."""
+  if isinstance(xs[0], Parts):
+    return jnp.concatenate([fn(*b) for b in zip(*xs, strict=True)])
+  return fn(*xs)
 
 
 def state_metrics(like: Any, state: optax.OptState) -> Metrics:
@@ -386,20 +398,20 @@ def state_metrics(like: Any, state: optax.OptState) -> Metrics:
   for s in find_states(state, ScaleByNormAdaptiveState):
     raw = _by_path(s.raw_step_size)
     for name, d in _by_path(s.step_size).items():
-      step = jnp.mean(d, axis=-1)
+      step = _blocks(lambda a: jnp.mean(a, axis=-1), d)
       put("step_size", name, step)
       put("alpha", name, s.learning_rate * step)
-      if d.shape[-1] > 1:
-        put("step_size_max_min", name, max_min_ratio(raw[name]))
-        put("step_size_cv", name, coefficient_of_variation(raw[name]))
-        moved = (d != raw[name]).astype(jnp.float32)
-        put("clamped_fraction", name, jnp.mean(moved, axis=-1))
+      if jax.tree.leaves(d)[0].shape[-1] > 1:
+        put("step_size_max_min", name, _blocks(max_min_ratio, raw[name]))
+        put("step_size_cv", name, _blocks(coefficient_of_variation, raw[name]))
+        moved = lambda a, r: jnp.mean((a != r).astype(jnp.float32), axis=-1)
+        put("clamped_fraction", name, _blocks(moved, d, raw[name]))
 
   for s in find_states(state, ScaleByNeuronRmsState):
     for name, nu in _by_path(s.nu).items():
-      rho = jnp.sqrt(jnp.maximum(nu, 0.0))
-      put("neuron_rms_max_min", name, max_min_ratio(rho))
-      put("neuron_rms_cv", name, coefficient_of_variation(rho))
+      rho = jax.tree.map(lambda v: jnp.sqrt(jnp.maximum(v, 0.0)), nu)
+      put("neuron_rms_max_min", name, _blocks(max_min_ratio, rho))
+      put("neuron_rms_cv", name, _blocks(coefficient_of_variation, rho))
 
   return {k: jax.tree.unflatten(treedef, out[k]) for k in STATE_METRICS if k in out}
 

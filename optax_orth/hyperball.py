@@ -93,7 +93,7 @@ def scale_by_hyperball(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(f"{where} needs params in update.")
-    entries, treedef = transforms._layouts(weight_dimension_numbers, updates, where)
+    entries, treedef = transforms.leaf_layouts(weight_dimension_numbers, updates, where)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     outs = [
       lay.map_parts(_hyperball_step, d, k, lr)

@@ -60,7 +60,7 @@ def scale_to_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = transforms._layouts(weight_dimension_numbers, updates, where)
+    entries, treedef = transforms.leaf_layouts(weight_dimension_numbers, updates, where)
     outs = [lay.map_parts(one, x) for _, x, lay in entries]
     return jax.tree.unflatten(treedef, outs), state
 

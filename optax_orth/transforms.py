@@ -31,16 +31,22 @@ import optax
 from optax_orth import orthogonalizers as orth_lib
 from optax_orth import sharding as sharding_lib
 from optax_orth import validation
+from optax_orth import weight_decay as wd_lib
 from optax_orth.routing import (
   DimensionNumbersSpec,
   MatrixLayout,
+  Parts,
+  from_matrix_list,
   leaf_dimension_numbers,
   matrix_layout,
   path_str,
+  to_matrix_list,
 )
 
+_is_parts = lambda x: isinstance(x, Parts)  # a split leaf's per-block state
 
-def _layouts(spec: DimensionNumbersSpec, tree, where: str):
+
+def leaf_layouts(spec: DimensionNumbersSpec, tree, where: str):
   """(path, leaf, layout) for every array leaf of ``tree``, and its treedef."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   dims = leaf_dimension_numbers(spec, tree)
@@ -57,8 +63,18 @@ def _layouts(spec: DimensionNumbersSpec, tree, where: str):
 
 
 def stat_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
-  """The dtype of the statistics of a leaf: the wider of float32 and its own."""
-  return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+  """The dtype of the statistics of a leaf: the wider of float32 and its own.
+
+  Real for complex leaves (``complex128`` gives ``float64``).
+  """
+  return jnp.promote_types(jnp.finfo(jnp.dtype(dtype)).dtype, jnp.float32)
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+  """``|x|^2`` elementwise, real for complex ``x``."""
+  if jnp.iscomplexobj(x):
+    return jnp.square(x.real) + jnp.square(x.imag)
+  return jnp.square(x)
 
 
 def row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
@@ -67,9 +83,19 @@ def row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
   Computed in :func:`stat_dtype`; saturates at its largest finite value instead
   of overflowing to ``inf``.
   """
+  if not isinstance(layout, MatrixLayout):  # a SplitLayout: one per block
+    return layout.each(lambda part, xp: row_sq_norms(xp, part), x)
   dt = stat_dtype(x.dtype)
-  m = layout.to_matrices(x.astype(dt))
-  return jnp.minimum(jnp.sum(m * m, axis=-1), jnp.finfo(dt).max)
+  m = layout.to_matrices(x)
+  sq = abs_sq(m).astype(dt) if jnp.iscomplexobj(m) else abs_sq(m.astype(dt))
+  return jnp.minimum(jnp.sum(sq, axis=-1), jnp.finfo(dt).max)
+
+
+def _zeros_per_matrix(layout, dtype, width):
+  """Zeros ``(batch, width(part))`` in :func:`stat_dtype` for each block of a
+  leaf (a :class:`~optax_orth.routing.Parts` for a split leaf)."""
+  dt = stat_dtype(dtype)
+  return layout.each(lambda p: jnp.zeros((p.batch, width(p)), dt))
 
 
 def _learning_rate(learning_rate, count):
@@ -83,17 +109,20 @@ def _learning_rate(learning_rate, count):
 def orthogonalize_grouped(
   matrices: list[jax.Array],
   orthogonalizer: orth_lib.Orthogonalizer,
-  sharding: sharding_lib.OwnerSharding | None = None,
+  sharding: sharding_lib.ShardingLike = sharding_lib.AUTO,
 ) -> list[jax.Array]:
   """Orthogonalizes ``(batch, m, n)`` stacks with one call per shape.
 
   Tall stacks are transposed so that ``m <= n``, stacks of one shape and
   dtype are concatenated along the batch axis and orthogonalized together,
   and the results are split and transposed back. The orthogonalizer must
-  commute with transposition, as every polar approximation does. With
-  ``sharding`` (an :class:`optax_orth.OwnerSharding`), each group is
-  distributed over the mesh so that every matrix is orthogonalized whole on
-  one device, see :func:`optax_orth.sharding.owner_orthogonalize`.
+  commute with transposition, as every polar approximation does. Under a
+  device mesh (``sharding="auto"`` with a mesh in context, or an
+  :class:`optax_orth.OwnerSharding`), each group is distributed over the mesh
+  so that every matrix is orthogonalized whole on one device, and each result
+  comes back in its input's layout, see
+  :func:`optax_orth.sharding.owner_orthogonalize`. ``sharding=None``, no
+  mesh, or one device: the plain grouped call.
   """
   groups: dict[tuple, list[tuple[int, bool]]] = {}
   for i, x in enumerate(matrices):
@@ -104,17 +133,10 @@ def orthogonalize_grouped(
   swap = lambda x, tall: jnp.swapaxes(x, 1, 2) if tall else x
   for members in groups.values():
     xs = [swap(matrices[i], tall) for i, tall in members]
-    if sharding is not None:
-      ys = sharding_lib.owner_orthogonalize(xs, orthogonalizer, sharding)
-      for (i, tall), y in zip(members, ys, strict=True):
-        out[i] = swap(y, tall)
-      continue
-    ys = orthogonalizer(jnp.concatenate(xs) if len(xs) > 1 else xs[0])
-    offset = 0
-    for (i, tall), x in zip(members, xs, strict=True):
-      out[i] = swap(ys[offset : offset + x.shape[0]], tall)
-      offset += x.shape[0]
-  return out
+    ys = sharding_lib.owner_orthogonalize(xs, orthogonalizer, sharding)
+    for (i, tall), y in zip(members, ys, strict=True):
+      out[i] = swap(y, tall)
+  return sharding_lib.keep_layout(out, matrices, sharding)
 
 
 class MomentumStatistics(NamedTuple):
@@ -176,7 +198,7 @@ def orthogonalize_momentum(
   adaptive: bool = False,
   statistics: bool = False,
   weight_dimension_numbers: DimensionNumbersSpec = None,
-  sharding: sharding_lib.OwnerSharding | None = None,
+  sharding: sharding_lib.ShardingLike = sharding_lib.AUTO,
 ) -> optax.GradientTransformation:
   r"""Momentum followed by orthogonalization of each matrix.
 
@@ -215,10 +237,13 @@ def orthogonalize_momentum(
     weight_dimension_numbers: a dimension-numbers spec (see
       :mod:`optax_orth.routing`; ``None``: the default routing). Every leaf
       this block sees must be a matrix under it.
-    sharding: ``None``, or an :class:`optax_orth.OwnerSharding`: under
-      ``jax.jit`` on a device mesh, every matrix is orthogonalized whole on
-      one device of the owner axes (the "owner" scheme, see
-      :mod:`optax_orth.sharding`). A no-op without a mesh.
+    sharding: where each matrix is orthogonalized (the "owner" scheme, see
+      :mod:`optax_orth.sharding`): ``"auto"`` (the default): with a mesh in
+      context (``jax.set_mesh``) each matrix is orthogonalized whole on one
+      device of the mesh axes that shard its group, and its result comes back
+      in its input's layout; ``None``: off (the compiler's automatic
+      partitioning); an :class:`optax_orth.OwnerSharding`: the named mesh and
+      axes. A no-op without a mesh and on one device.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -228,6 +253,7 @@ def orthogonalize_momentum(
     <https://kellerjordan.github.io/posts/muon/>`_, 2024.
   """
   validation.check_hyperparameters(locals())
+  sharding_lib.check_sharding(sharding)
   if orthogonalizer is None:
     orthogonalizer = orth_lib.make_newton_schulz(
       ns_coeffs, ns_steps, eps, ns_dtype, preconditioning=preconditioning
@@ -236,18 +262,18 @@ def orthogonalize_momentum(
 
   def zero_statistics(entries, treedef):
     zeros = [
-      jnp.zeros((lay.batch, lay.fan_in), stat_dtype(x.dtype)) for _, x, lay in entries
+      _zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in) for _, x, lay in entries
     ]
     tree = jax.tree.unflatten(treedef, zeros)
     return MomentumStatistics(grad_sq_norms=tree, momentum_sq_norms=tree)
 
   def init_fn(params):
-    entries, treedef = _layouts(weight_dimension_numbers, params, where)
+    entries, treedef = leaf_layouts(weight_dimension_numbers, params, where)
     for name, x, _ in entries:
-      if not jnp.issubdtype(x.dtype, jnp.floating):
+      if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise ValueError(
           f"leaf {name!r} has dtype {x.dtype}; orthogonalize_momentum needs "
-          "floating-point parameters."
+          "floating-point (or complex) parameters."
         )
     return OrthogonalizeMomentumState(
       count=jnp.zeros([], jnp.int32),
@@ -258,25 +284,27 @@ def orthogonalize_momentum(
   def update_fn(updates, state, params=None):
     del params
     validation.check_matches_state(updates, state.mu, where)
-    entries, treedef = _layouts(weight_dimension_numbers, updates, where)
+    entries, treedef = leaf_layouts(weight_dimension_numbers, updates, where)
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
     count_inc = optax.safe_increment(state.count)
     mu_hat = _momentum_direction(
       updates, mu, count_inc, beta, nesterov, bias_correction
     )
     m_hats = jax.tree.leaves(mu_hat)
-    if sharding is not None:
-      m_hats = sharding_lib.keep_layout(m_hats, jax.tree.leaves(mu), sharding)
+    m_hats = sharding_lib.keep_layout(m_hats, jax.tree.leaves(mu), sharding)
     layouts = [lay for _, _, lay in entries]
+    # Under a mesh: sharded batch axes first (expert parallelism stays put).
+    views = sharding_lib.owner_layouts(layouts, m_hats, sharding)
     orthogonal = orthogonalize_grouped(
-      [lay.to_matrices(m) for lay, m in zip(layouts, m_hats, strict=True)],
-      orthogonalizer,
-      sharding,
+      to_matrix_list(views, m_hats), orthogonalizer, sharding
     )
-    outs = []
-    for lay, m_hat, o in zip(layouts, m_hats, orthogonal, strict=True):
-      o = lay.from_matrices(o)
-      outs.append(jnp.sum(m_hat * o) * o if adaptive else o)
+    outs = from_matrix_list(views, orthogonal)
+    if adaptive:  # the dual norm <Mt, O> per leaf, or per block of a split leaf
+      dual = lambda _, m, o: jnp.sum(jnp.conj(m) * o) * o
+      outs = [
+        lay.map_parts(dual, m, o)
+        for lay, m, o in zip(layouts, m_hats, outs, strict=True)
+      ]
     stats = None
     if statistics:
       stats = MomentumStatistics(
@@ -303,9 +331,12 @@ def orthogonalize_momentum(
 def shape_scale(
   fan_in: int, fan_out: int, consistent_rms: jax.typing.ArrayLike | None = None
 ):
-  """``sqrt(max(1, fan_out / fan_in))``, or ``c * sqrt(max(fan_in, fan_out))``."""
+  """``sqrt(max(1, fan_out / fan_in))``, or ``c * sqrt(max(fan_in, fan_out))``.
+
+  ``1`` for an empty matrix (``fan_in = 0``), whose update is empty anyway.
+  """
   if consistent_rms is None:
-    return jnp.sqrt(jnp.maximum(1, fan_out / fan_in))
+    return jnp.sqrt(jnp.maximum(1, fan_out / max(fan_in, 1)))
   return jnp.sqrt(jnp.maximum(fan_in, fan_out)) * consistent_rms
 
 
@@ -333,13 +364,13 @@ def scale_by_shape(
   """
   validation.check_hyperparameters(locals())
 
+  def scale(p, x):  # p: the layout of one matrix stack (one block of a leaf)
+    return (shape_scale(p.fan_in, p.fan_out, consistent_rms) * x).astype(x.dtype)
+
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = _layouts(weight_dimension_numbers, updates, "scale_by_shape")
-    outs = [
-      (shape_scale(lay.fan_in, lay.fan_out, consistent_rms) * x).astype(x.dtype)
-      for _, x, lay in entries
-    ]
+    entries, treedef = leaf_layouts(weight_dimension_numbers, updates, "scale_by_shape")
+    outs = [lay.map_parts(scale, x) for _, x, lay in entries]
     return jax.tree.unflatten(treedef, outs), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -360,6 +391,7 @@ def scale_by_neuron_rms(
   eps: float = 1e-10,
   *,
   target_rms: float | None = None,
+  axis: Literal["fan_out", "fan_in", "larger"] = "fan_out",
   weight_dimension_numbers: DimensionNumbersSpec = None,
 ) -> optax.GradientTransformation:
   r"""NorMuon's per-neuron normalization of an orthogonalized update.
@@ -376,12 +408,17 @@ def scale_by_neuron_rms(
   (the paper's Algorithm 1, ``r = 0.2``) it returns
   ``\hat O \cdot r \sqrt{fan_in \cdot fan_out} / (||\hat O||_F + eps)``, whose
   RMS is ``r``. No bias correction, as in the references. Computed in float32
-  and returned in the update's dtype.
+  and returned in the update's dtype. With ``axis="fan_in"`` the second moment
+  is kept per input feature ``i`` (the mean runs over ``j``) instead; with
+  ``"larger"``, along the larger of the two axes (per neuron unless
+  ``fan_in > fan_out``), as modded-nanogpt's NorMuon does.
 
   Args:
     b2: decay of the second moment, in ``[0, 1)``.
     eps: non-negative term added to the denominators.
     target_rms: ``None`` (norm-preserving) or the fixed RMS (positive).
+    axis: which axis keeps the statistics: ``"fan_out"`` (per neuron, the
+      paper), ``"fan_in"`` or ``"larger"`` (modded-nanogpt).
     weight_dimension_numbers: a dimension-numbers spec (``None``: the
       default routing).
 
@@ -394,20 +431,22 @@ def scale_by_neuron_rms(
     <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
   validation.check_hyperparameters(locals())
+  validation.check_choice("axis", axis, ("fan_out", "fan_in", "larger"))
   where = "scale_by_neuron_rms"
+  by_row = lambda p: axis == "fan_in" or (axis == "larger" and p.fan_in > p.fan_out)
 
   def init_fn(params):
-    entries, treedef = _layouts(weight_dimension_numbers, params, where)
-    nu = [
-      jnp.zeros((lay.batch, lay.fan_out), stat_dtype(x.dtype)) for _, x, lay in entries
-    ]
+    entries, treedef = leaf_layouts(weight_dimension_numbers, params, where)
+    size = lambda p: p.fan_in if by_row(p) else p.fan_out
+    nu = [_zeros_per_matrix(lay, x.dtype, size) for _, x, lay in entries]
     return ScaleByNeuronRmsState(nu=jax.tree.unflatten(treedef, nu))
 
   def normalize(o, nu, lay):
-    m = lay.to_matrices(o.astype(nu.dtype))
+    m = lay.to_matrices(o.astype(jnp.promote_types(o.dtype, nu.dtype)))
     n0 = jnp.linalg.norm(m, axis=(-2, -1), keepdims=True)
-    nu = b2 * nu + (1 - b2) * jnp.mean(m * m, axis=-2)
-    m = m / (jnp.sqrt(nu)[:, None, :] + eps)
+    red = -1 if by_row(lay) else -2  # the axis the mean runs over
+    nu = b2 * nu + (1 - b2) * jnp.mean(abs_sq(m), axis=red)
+    m = m / (jnp.expand_dims(jnp.sqrt(nu), red) + eps)
     target = (
       n0 if target_rms is None else target_rms * (lay.fan_in * lay.fan_out) ** 0.5
     )
@@ -416,15 +455,16 @@ def scale_by_neuron_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = _layouts(weight_dimension_numbers, updates, where)
-    nus = jax.tree.leaves(state.nu)
+    entries, treedef = leaf_layouts(weight_dimension_numbers, updates, where)
+    nus = jax.tree.leaves(state.nu, is_leaf=_is_parts)
     if len(nus) != len(entries):
       raise ValueError(
         f"{where}: the updates have {len(entries)} matrix leaves but the state "
         f"{len(nus)}; call init with the parameters these updates are for."
       )
     pairs = [
-      normalize(x, nu, lay) for (_, x, lay), nu in zip(entries, nus, strict=True)
+      lay.map_parts(lambda p, o, v: normalize(o, v, p), x, nu)
+      for (_, x, lay), nu in zip(entries, nus, strict=True)
     ]
     return jax.tree.unflatten(treedef, [p[0] for p in pairs]), ScaleByNeuronRmsState(
       nu=jax.tree.unflatten(treedef, [p[1] for p in pairs])
@@ -540,10 +580,10 @@ def _norm_adaptive_step_sizes(stats, nu_tree, count, b1, b2, eps, per_feature):
   ``per_feature`` is false. Squared norms saturate at the dtype's largest
   value, so that ``d`` stays finite instead of ``inf / inf``.
   """
-  t = count.astype(jnp.float32)
-  correction = jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
 
   def one(g2, m2, nu):
+    t = count.astype(nu.dtype)
+    correction = jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
     big = jnp.finfo(nu.dtype).max
     if not per_feature:
       g2, m2 = g2.sum(-1, keepdims=True), m2.sum(-1, keepdims=True)
@@ -584,17 +624,25 @@ def _check_step_sizes(d, raw) -> None:
     )
 
 
-def _capped_step(o, k, alpha, lay, scale_coeff, decay, weight_decay_mode, lr):
-  """NAMO's ``-min(alpha s, 1) O - shrink K`` for one leaf, in the leaf's shape."""
+def _capped_step(
+  o, k, alpha, lay, scale_coeff, decay, weight_decay_mode, lr, cautious=False
+):
+  """NAMO's ``-min(alpha s, 1) O - shrink K`` for one leaf, in the leaf's shape;
+  with ``cautious``, the decay only where ``O K >= 0``."""
   alpha = alpha[:, :, None]
   s = scale_coeff * max(lay.fan_in, lay.fan_out) ** 0.5
-  delta = -jnp.minimum(alpha * s, 1.0) * lay.to_matrices(o.astype(alpha.dtype))
+  dt = jnp.promote_types(o.dtype, alpha.dtype)  # complex leaves stay complex
+  om = lay.to_matrices(o.astype(dt))
+  delta = -jnp.minimum(alpha * s, 1.0) * om
   if k is not None:
     if weight_decay_mode == "adaptive":
       shrink = jnp.minimum(decay * jnp.minimum(alpha, 1.0), 1.0)
     else:
       shrink = lr * decay
-    delta = delta - shrink * lay.to_matrices(k.astype(alpha.dtype))
+    km = lay.to_matrices(k.astype(dt))
+    if cautious:
+      km = km * wd_lib.cautious_mask(om, km)
+    delta = delta - shrink * km
   return lay.from_matrices(delta).astype(o.dtype)
 
 
@@ -610,6 +658,7 @@ def scale_by_norm_adaptive(
   scale_coeff: float = 0.2,
   weight_decay: float = 0.0,
   weight_decay_mode: Literal["adaptive", "decoupled"] = "adaptive",
+  cautious_weight_decay: bool = False,
   weight_dimension_numbers: DimensionNumbersSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""NAMO's adaptive step: ``direction``'s output times ``lr * d``, capped.
@@ -656,6 +705,10 @@ def scale_by_norm_adaptive(
     scale_coeff: NAMO's shape coefficient (``0.2`` in the reference).
     weight_decay: ``lambda``, non-negative. Needs ``params`` in ``update``.
     weight_decay_mode: ``"adaptive"`` or ``"decoupled"``.
+    cautious_weight_decay: decay only where ``O K >= 0`` (where the step
+      already shrinks the weight; Chen et al., `Cautious Weight Decay
+      <https://arxiv.org/abs/2510.12402>`_, 2025), see
+      :func:`optax_orth.add_cautious_weight_decay`.
     weight_dimension_numbers: a dimension-numbers spec (``None``: the
       default routing), the same as ``direction``'s.
 
@@ -680,11 +733,11 @@ def scale_by_norm_adaptive(
   where = "scale_by_norm_adaptive"
 
   def init_fn(params):
-    entries, treedef = _layouts(weight_dimension_numbers, params, where)
+    entries, treedef = leaf_layouts(weight_dimension_numbers, params, where)
     zeros = jax.tree.unflatten(
       treedef,
       [
-        jnp.zeros((lay.batch, lay.fan_in if per_feature else 1), stat_dtype(x.dtype))
+        _zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in if per_feature else 1)
         for _, x, lay in entries
       ],
     )
@@ -707,12 +760,14 @@ def scale_by_norm_adaptive(
         f"{type(state).__name__}; pass the state that init returned (called "
         "init first?)."
       )
-    for (name, _, lay), nu in zip(entries, jax.tree.leaves(state.nu), strict=True):
-      want = (lay.batch, lay.fan_in if per_feature else 1)
-      if tuple(nu.shape) != want:
+    nus = jax.tree.leaves(state.nu, is_leaf=_is_parts)
+    for (name, _, lay), nu in zip(entries, nus, strict=True):
+      want = lay.each(lambda p: (p.batch, p.fan_in if per_feature else 1))
+      if jax.tree.map(jnp.shape, nu) != want:
         raise ValueError(
           f"{where}: leaf {name!r} has a second moment of shape "
-          f"{tuple(nu.shape)}, but granularity={granularity!r} keeps {want}; "
+          f"{jax.tree.map(jnp.shape, nu)}, but granularity={granularity!r} keeps "
+          f"{want}; "
           "pass the state that this optimizer's init returned (called init "
           "first?)."
         )
@@ -720,7 +775,7 @@ def scale_by_norm_adaptive(
   def update_fn(updates, state, params=None, **extra_args):
     if decays and params is None:
       raise ValueError(f"{where} with weight_decay needs params in update.")
-    check_state(state, _layouts(weight_dimension_numbers, updates, where)[0])
+    check_state(state, leaf_layouts(weight_dimension_numbers, updates, where)[0])
     o_tree, direction_state = direction.update(
       updates, state.direction_state, params, **extra_args
     )
@@ -733,11 +788,14 @@ def scale_by_norm_adaptive(
     )
     _check_step_sizes(d, raw)
     lr = _learning_rate(learning_rate, state.count)
-    entries, treedef = _layouts(weight_dimension_numbers, o_tree, where)
+    entries, treedef = leaf_layouts(weight_dimension_numbers, o_tree, where)
     ks = jax.tree.leaves(params) if decays else [None] * len(entries)
+    caps = (scale_coeff, weight_decay, weight_decay_mode, lr, cautious_weight_decay)
+    step = lambda p, o, k, alpha: _capped_step(o, k, alpha, p, *caps)
+    ds = jax.tree.leaves(d, is_leaf=_is_parts)
     outs = [
-      _capped_step(o, k, lr * dd, lay, scale_coeff, weight_decay, weight_decay_mode, lr)
-      for (_, o, lay), k, dd in zip(entries, ks, jax.tree.leaves(d), strict=True)
+      lay.map_parts(step, o, k, jax.tree.map(lambda v: lr * v, dd))
+      for (_, o, lay), k, dd in zip(entries, ks, ds, strict=True)
     ]
     new_state = ScaleByNormAdaptiveState(
       count=count,

@@ -101,6 +101,7 @@ _NON_NEGATIVE = (
   "ns_eps",
   "adam_eps",
   "adam_eps_root",
+  "eps_root",
   "weight_decay",
   "adam_weight_decay",
   "scale_coeff",

@@ -114,8 +114,9 @@ def test_huge_gradients_matrix_updates_are_scale_invariant(name):
     assert _all_finite(u_huge)
     for k in MATRICES:
       np.testing.assert_allclose(u_huge[k], u_unit[k], rtol=1e-4, atol=1e-6)
-    # The AdamW fallback (optax.adamw) overflows G^2 to inf: its step is 0.
-    np.testing.assert_array_equal(u_huge["b"], 0.0)
+    # The AdamW fallback is scale invariant too: optax.adamw's G^2 overflowed
+    # to inf and its step was 0 (regression).
+    np.testing.assert_allclose(u_huge["b"], u_unit["b"], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["namo", "namo_d"])
@@ -133,8 +134,7 @@ def test_huge_gradients_namo_steps_are_finite_and_capped(name):
     for k in MATRICES:
       # |step| <= min(alpha s, 1) |O| + weight decay <= ~1.2 + 0.1 |K|.
       assert _max_abs(u[k]) <= 1.3
-  inner = state.inner_states["orthogonal"].inner_state
-  assert _all_finite(inner)
+  assert _all_finite(state)
   _, _, large = _run(tx, params, _grads(3, scale=1e15))
   _, _, unit = _run(tx, params, _grads(3))
   for u_large, u_unit in zip(large, unit, strict=True):

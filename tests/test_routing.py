@@ -137,7 +137,7 @@ def test_partition_state_routes_adam():
   tx = optax_orth.muon(0.1)
   state = tx.init(params)
   adam_state = state.inner_states["adam"].inner_state
-  assert isinstance(adam_state[0], optax.ScaleByAdamState)
+  assert isinstance(adam_state[0], optax_orth.adam.ScaleByAdamState)
 
 
 def test_path_spec_under_inject_hyperparams_is_an_error_not_a_silent_reroute():
