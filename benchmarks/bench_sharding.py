@@ -371,10 +371,6 @@ def nnx_section(width=128, depth=4):
 
   def compiled(make_tx, mesh):
     x, y = jnp.ones((256, 32)), jnp.zeros((256,), jnp.int32)
-    if mesh is None:
-      model = MLP(nnx.Rngs(0))
-      opt = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
-      return step.lower(model, opt, x, y).compile()
     with jax.set_mesh(mesh):
       model = MLP(nnx.Rngs(0))
       opt = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
@@ -382,6 +378,9 @@ def nnx_section(width=128, depth=4):
       return step.lower(model, opt, x, y).compile()
 
   mesh = jax.make_mesh((N,), ("fsdp",), axis_types=(AxisType.Auto,))
+  one = jax.make_mesh(
+    (1,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1]
+  )
   rows = {
     "muon": lambda: optax_orth.muon(0.02),
     "muon, sharding=None": lambda: optax_orth.muon(0.02, sharding=None),
@@ -389,7 +388,7 @@ def nnx_section(width=128, depth=4):
   }
   results = {}
   for name, make_tx in rows.items():
-    c, c1 = compiled(make_tx, mesh), compiled(make_tx, None)
+    c, c1 = compiled(make_tx, mesh), compiled(make_tx, one)
     coll = optax_orth.hlo_collective_bytes(c.as_text(), N)
     results[name] = {
       "flops": _cost(c),
@@ -401,7 +400,8 @@ def nnx_section(width=128, depth=4):
     f"residual MLP of width {width}, kernels with `nnx.with_partitioning`, the "
     "model created under `jax.set_mesh`, `nnx.Optimizer(model, tx, wrt=nnx.Param)`, "
     "a batch of 256 sharded over N = 8 devices, no in/out shardings. The "
-    "all-gathers of the forward pass (FSDP) are in every row."
+    "all-gathers of the forward pass (FSDP) are in every row, and `x total/N` "
+    "covers the whole step (the model's replicated head included)."
   )
   lines = ["### The Flax NNX FSDP flow", "", text, "", HEAD + " |"]
   lines.append("|---" * 10 + "|")
@@ -426,8 +426,9 @@ def main():
     "`optax_orth.hlo_collective_bytes` (operand bytes per device, and bytes "
     "sent per device estimated as all-to-all `(g-1)/g`, all-gather `g-1`, "
     "all-reduce `2(g-1)/g` times the operand). `total/N` is the FLOPs of the "
-    "same update compiled for one device, divided by N. No GPU was available "
-    "for these runs: every figure is from 8 CPU devices simulated on one host.",
+    "same update compiled for one device, divided by N. Nothing is timed, so "
+    "the machine's load does not change the figures. No GPU was available for "
+    "these runs: every figure is from 8 CPU devices simulated on one host.",
     "",
   ]
   lines += default_section()
