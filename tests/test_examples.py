@@ -288,6 +288,18 @@ def test_compare_grids_parse():
   assert job.seeds == [0, 1, 2]
 
 
+def test_default_settings_come_from_the_committed_sweep(tmp_path, capsys):
+  job = compare.parse(["--out", str(tmp_path)])
+  settings, source, warnings = compare.resolve_settings(job)
+  assert source.endswith("sweeps/sotu-cpu.json")
+  assert set(settings) == set(train_lib.OPTIMIZERS)
+  assert "NAMO-D: the chosen clamp" in " ".join(warnings)  # edge of its grid
+  assert "transferred" not in capsys.readouterr().err
+  job = compare.parse(["--data", "moby-dick", "--out", str(tmp_path)])
+  assert compare.resolve_settings(job)[0] == settings
+  assert "transferred" in capsys.readouterr().err
+
+
 def test_paired_intervals_and_resolution():
   iv = compare.paired_interval([1.0, 2.0, 3.0], [1.1, 2.1, 3.2])
   d = np.array([0.1, 0.1, 0.2])

@@ -427,7 +427,9 @@ SHARED_FIELDS = tuple(
 
 
 def shared_config(cfg: train_lib.TrainConfig) -> dict[str, Any]:
-  return {k: getattr(cfg, k) for k in SHARED_FIELDS}
+  out = {k: getattr(cfg, k) for k in SHARED_FIELDS}
+  out["data"] = cfg.data or "sotu"  # the default corpus, by name
+  return out
 
 
 def _key(r: dict[str, Any]) -> tuple:
@@ -757,6 +759,10 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def mine_config(job: Job) -> dict[str, Any]:
+  return shared_config(job.base)
+
+
 def resolve_settings(job: Job) -> tuple[dict[str, dict[str, float]], str, list[str]]:
   """Each optimizer's ``{"lr", "clamp"}`` for the final runs, where from, warnings."""
   candidates = []
@@ -764,15 +770,24 @@ def resolve_settings(job: Job) -> tuple[dict[str, dict[str, float]], str, list[s
     candidates.append(Path(job.args.settings))
   candidates.append(job.out / "sweep.json")
   candidates.append(SWEEPS_DIR / f"{job.corpus}-{job.args.preset}.json")
+  # Last: the bundled sotu corpus's sweep, transferred to another corpus.
+  transfer = SWEEPS_DIR / f"sotu-{job.args.preset}.json"
+  candidates.append(transfer)
   source, chosen, warnings = None, {}, []
   for f in candidates:
     if f.exists():
       blob = json.loads(f.read_text())
-      if blob.get("config") and blob["config"] != shared_config(job.base):
-        old, mine = blob["config"], shared_config(job.base)
-        changed = sorted(k for k in mine if old.get(k) != mine[k])
-        if f == candidates[0] and job.args.settings:
+      old, mine = blob.get("config") or mine_config(job), mine_config(job)
+      changed = sorted(k for k in mine if old.get(k) != mine[k])
+      if changed:
+        if job.args.settings and f == candidates[0]:
           print(f"warning: {f} was swept with other {changed}.", file=sys.stderr)
+        elif f == transfer and changed == ["data"]:
+          print(
+            f"note: no sweep of corpus {job.corpus!r} found; using the settings "
+            f"of the sotu sweep, {f} (transferred, not tuned on this corpus).",
+            file=sys.stderr,
+          )
         else:
           continue
       source = str(f)
