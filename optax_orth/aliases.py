@@ -522,6 +522,11 @@ def normuon(
                                scale_by_learning_rate),
               adam=adamw)
 
+  The Newton–Schulz, momentum-dtype, routing, AdamW-fallback and sharding
+  options (``ns_*``, ``mu_dtype``, ``weight_dimension_numbers``, ``adam_*``,
+  ``sharding``) mean what they do in :func:`namo`, with the defaults of the
+  signature.
+
   Args:
     learning_rate: a float or an optax schedule (reference ``0.02``).
     b1: momentum decay.
@@ -533,24 +538,8 @@ def normuon(
       branches.
     nesterov: Nesterov momentum.
     target_rms: ``None`` (released code) or the paper's fixed RMS.
-    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
-    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
-    ns_eps: Newton–Schulz normalization epsilon.
-    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
-    mu_dtype: momentum dtype.
-    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
-      is the default routing, ``optax_orth.route_by_path()``.
     adam_learning_rate: Adam's learning rate (reference ``3e-4``; ``None``:
       ``learning_rate``).
-    adam_b1: Adam's ``b1``.
-    adam_b2: Adam's ``b2``.
-    adam_eps: Adam's ``eps``.
-    adam_weight_decay: Adam's weight decay.
-    sharding: ``"auto"`` (the default): with a mesh in context
-      (``jax.set_mesh``), orthogonalize each matrix whole on one device of the
-      mesh axes that shard it (the owner scheme, see
-      :mod:`optax_orth.sharding`); ``None``: off; or an
-      :class:`optax_orth.OwnerSharding`. A no-op without a mesh.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -642,6 +631,11 @@ def adamuon(
                                scale_by_learning_rate),
               adam=adamw)
 
+  The Newton–Schulz, momentum-dtype, routing, AdamW-fallback and sharding
+  options (``ns_*``, ``mu_dtype``, ``weight_dimension_numbers``, ``adam_*``,
+  ``sharding``) mean what they do in :func:`namo`, with the defaults of the
+  signature.
+
   Args:
     learning_rate: a float or an optax schedule; AdamW's is a good start.
     b1: momentum decay.
@@ -658,19 +652,6 @@ def adamuon(
     target_rms: the RMS ``r`` of each matrix's update before the learning
       rate.
     nesterov: Nesterov momentum.
-    ns_coeffs: Newton–Schulz coefficients (preset name or rows).
-    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for ``standard``).
-    ns_eps: Newton–Schulz normalization epsilon.
-    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
-    mu_dtype: momentum dtype.
-    weight_dimension_numbers: a dimension-numbers spec; ``None`` (default)
-      is the default routing, ``optax_orth.route_by_path()``.
-    adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
-    adam_b1: Adam's ``b1``.
-    adam_b2: Adam's ``b2``.
-    adam_eps: Adam's ``eps``.
-    adam_weight_decay: Adam's weight decay.
-    sharding: as in :func:`namo`.
 
   Returns:
     An ``optax.GradientTransformation``.

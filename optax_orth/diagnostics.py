@@ -59,6 +59,7 @@ from optax_orth.routing import (
   DimensionNumbersSpec,
   Parts,
   leaf_dimension_numbers,
+  leaf_name,
   matrix_layout,
   path_str,
 )
@@ -337,7 +338,7 @@ def _by_path(tree) -> dict[str, Any]:
     tree, is_leaf=lambda x: isinstance(x, MaskedNode | Parts) or x is None
   )[0]
   return {
-    path_str(p): x for p, x in flat if not (isinstance(x, MaskedNode) or x is None)
+    leaf_name(p): x for p, x in flat if not (isinstance(x, MaskedNode) or x is None)
   }
 
 
@@ -384,7 +385,7 @@ def state_metrics(like: Any, state: optax.OptState) -> Metrics:
     shape ``(batch,)`` per matrix leaf (``None`` elsewhere).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(_plain(like))
-  index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+  index = {leaf_name(p): i for i, (p, _) in enumerate(flat)}
   out: dict[str, list] = {}
 
   def put(metric, name, value):

@@ -268,7 +268,7 @@ def orthogonalize_momentum(
     return MomentumStatistics(grad_sq_norms=tree, momentum_sq_norms=tree)
 
   def init_fn(params):
-    entries, treedef = leaf_layouts(weight_dimension_numbers, params, where)
+    entries, _ = leaf_layouts(weight_dimension_numbers, params, where)
     for name, x, _ in entries:
       if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise ValueError(
@@ -278,7 +278,9 @@ def orthogonalize_momentum(
     return OrthogonalizeMomentumState(
       count=jnp.zeros([], jnp.int32),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-      statistics=zero_statistics(entries, treedef) if statistics else None,
+      statistics=zero_statistics(entries, sharding_lib.plain_treedef(params))
+      if statistics
+      else None,
     )
 
   def update_fn(updates, state, params=None):
@@ -436,9 +438,10 @@ def scale_by_neuron_rms(
   by_row = lambda p: axis == "fan_in" or (axis == "larger" and p.fan_in > p.fan_out)
 
   def init_fn(params):
-    entries, treedef = leaf_layouts(weight_dimension_numbers, params, where)
+    entries, _ = leaf_layouts(weight_dimension_numbers, params, where)
     size = lambda p: p.fan_in if by_row(p) else p.fan_out
     nu = [_zeros_per_matrix(lay, x.dtype, size) for _, x, lay in entries]
+    treedef = sharding_lib.plain_treedef(params)  # no Variable annotations
     return ScaleByNeuronRmsState(nu=jax.tree.unflatten(treedef, nu))
 
   def normalize(o, nu, lay):
@@ -733,9 +736,9 @@ def scale_by_norm_adaptive(
   where = "scale_by_norm_adaptive"
 
   def init_fn(params):
-    entries, treedef = leaf_layouts(weight_dimension_numbers, params, where)
+    entries, _ = leaf_layouts(weight_dimension_numbers, params, where)
     zeros = jax.tree.unflatten(
-      treedef,
+      sharding_lib.plain_treedef(params),  # no Variable annotations
       [
         _zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in if per_feature else 1)
         for _, x, lay in entries

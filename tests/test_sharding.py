@@ -129,11 +129,6 @@ def test_nnx_fsdp_flow_example():
     [sys.executable, "examples/distributed.py", "--steps", "6", "--batch", "64"],
     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
   )  # fmt: skip
-  if proc.returncode and "IndivisibleError" in proc.stderr:
-    pytest.xfail(
-      "nnx.Optimizer applies a parameter's sharding annotation to its "
-      "per-matrix statistics: their init must use sharding.plain_treedef"
-    )
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "collective-permute 0" in proc.stdout, proc.stdout[-2000:]
 
