@@ -931,6 +931,29 @@ def final_markdown(rows, pairs) -> str:
         + "."
       )
     lines += ["", *say]
+  if len(rows) > 2:
+    names = [LABELS[r["optimizer"]] for r in rows]
+    lines += [
+      "",
+      "All pairs: mean paired difference (column minus row, same seed); * marks "
+      "a 95 % interval that excludes 0.",
+      "",
+      "| | " + " | ".join(names[1:]) + " |",
+      "|---|" + "---|" * (len(rows) - 1),
+    ]
+    for i, a in enumerate(rows[:-1]):
+      cells = []
+      for j, b in enumerate(rows[1:], 1):
+        if j <= i:
+          cells.append("")
+          continue
+        common = sorted(set(a["by_seed"]) & set(b["by_seed"]))
+        iv = paired_interval(
+          [a["by_seed"][s] for s in common], [b["by_seed"][s] for s in common]
+        )
+        star = "*" if math.isfinite(iv["lo"]) and (iv["lo"] > 0 or iv["hi"] < 0) else ""
+        cells.append(f"{iv['mean']:+.4f}{star}")
+      lines.append(f"| {names[i]} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
