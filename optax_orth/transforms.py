@@ -168,6 +168,14 @@ class OrthogonalizeMomentumState(NamedTuple):
   statistics: MomentumStatistics | None = None
 
 
+def _zero_statistics(entries, params) -> MomentumStatistics:
+  """Zero :class:`MomentumStatistics`, without the parameters' ``Variable``
+  annotations (their shardings do not fit ``(batch, fan_in)`` arrays)."""
+  zeros = [_zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in) for _, x, lay in entries]
+  tree = jax.tree.unflatten(sharding_lib.plain_treedef(params), zeros)
+  return MomentumStatistics(grad_sq_norms=tree, momentum_sq_norms=tree)
+
+
 def _momentum_direction(updates, mu, count_inc, beta, nesterov, bias_correction):
   """``Mt``: the (optionally Nesterov, optionally bias-corrected) momentum."""
   if bias_correction:
@@ -260,13 +268,6 @@ def orthogonalize_momentum(
     )
   where = "orthogonalize_momentum"
 
-  def zero_statistics(entries, treedef):
-    zeros = [
-      _zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in) for _, x, lay in entries
-    ]
-    tree = jax.tree.unflatten(treedef, zeros)
-    return MomentumStatistics(grad_sq_norms=tree, momentum_sq_norms=tree)
-
   def init_fn(params):
     entries, _ = leaf_layouts(weight_dimension_numbers, params, where)
     for name, x, _ in entries:
@@ -278,9 +279,7 @@ def orthogonalize_momentum(
     return OrthogonalizeMomentumState(
       count=jnp.zeros([], jnp.int32),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-      statistics=zero_statistics(entries, sharding_lib.plain_treedef(params))
-      if statistics
-      else None,
+      statistics=_zero_statistics(entries, params) if statistics else None,
     )
 
   def update_fn(updates, state, params=None):
@@ -610,6 +609,28 @@ def _norm_adaptive_step_sizes(stats, nu_tree, count, b1, b2, eps, per_feature):
   )
 
 
+def _check_norm_adaptive_state(state, entries, granularity: str) -> None:
+  """The state is a :class:`ScaleByNormAdaptiveState` of this granularity."""
+  where = "scale_by_norm_adaptive"
+  if not isinstance(state, ScaleByNormAdaptiveState):
+    raise ValueError(
+      f"{where}: expected a ScaleByNormAdaptiveState, got "
+      f"{type(state).__name__}; pass the state that init returned (called "
+      "init first?)."
+    )
+  per_feature = granularity == "input_feature"
+  nus = jax.tree.leaves(state.nu, is_leaf=_is_parts)
+  for (name, _, lay), nu in zip(entries, nus, strict=True):
+    want = lay.each(lambda p: (p.batch, p.fan_in if per_feature else 1))
+    got = jax.tree.map(jnp.shape, nu)
+    if got != want:
+      raise ValueError(
+        f"{where}: leaf {name!r} has a second moment of shape {got}, but "
+        f"granularity={granularity!r} keeps {want}; pass the state that this "
+        "optimizer's init returned (called init first?)."
+      )
+
+
 def _check_step_sizes(d, raw) -> None:
   flat_d = jax.tree.leaves(d)
   for (path, r), x in zip(
@@ -737,13 +758,10 @@ def scale_by_norm_adaptive(
 
   def init_fn(params):
     entries, _ = leaf_layouts(weight_dimension_numbers, params, where)
-    zeros = jax.tree.unflatten(
-      sharding_lib.plain_treedef(params),  # no Variable annotations
-      [
-        _zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in if per_feature else 1)
-        for _, x, lay in entries
-      ],
-    )
+    width = lambda p: p.fan_in if per_feature else 1
+    zeros = [_zeros_per_matrix(lay, x.dtype, width) for _, x, lay in entries]
+    # Without the parameters' Variable annotations (their shardings).
+    zeros = jax.tree.unflatten(sharding_lib.plain_treedef(params), zeros)
     direction_state = direction.init(params)
     _statistics_of(direction_state)
     return ScaleByNormAdaptiveState(
@@ -756,29 +774,11 @@ def scale_by_norm_adaptive(
       step_size_state=step_tx.init(zeros),
     )
 
-  def check_state(state, entries):
-    if not isinstance(state, ScaleByNormAdaptiveState):
-      raise ValueError(
-        f"{where}: expected a ScaleByNormAdaptiveState, got "
-        f"{type(state).__name__}; pass the state that init returned (called "
-        "init first?)."
-      )
-    nus = jax.tree.leaves(state.nu, is_leaf=_is_parts)
-    for (name, _, lay), nu in zip(entries, nus, strict=True):
-      want = lay.each(lambda p: (p.batch, p.fan_in if per_feature else 1))
-      if jax.tree.map(jnp.shape, nu) != want:
-        raise ValueError(
-          f"{where}: leaf {name!r} has a second moment of shape "
-          f"{jax.tree.map(jnp.shape, nu)}, but granularity={granularity!r} keeps "
-          f"{want}; "
-          "pass the state that this optimizer's init returned (called init "
-          "first?)."
-        )
-
   def update_fn(updates, state, params=None, **extra_args):
     if decays and params is None:
       raise ValueError(f"{where} with weight_decay needs params in update.")
-    check_state(state, leaf_layouts(weight_dimension_numbers, updates, where)[0])
+    entries = leaf_layouts(weight_dimension_numbers, updates, where)[0]
+    _check_norm_adaptive_state(state, entries, granularity)
     o_tree, direction_state = direction.update(
       updates, state.direction_state, params, **extra_args
     )
