@@ -293,7 +293,8 @@ def test_default_settings_come_from_the_committed_sweep(tmp_path, capsys):
   settings, source, warnings = compare.resolve_settings(job)
   assert source.endswith("sweeps/sotu-cpu.json")
   assert set(settings) == set(train_lib.OPTIMIZERS)
-  assert "NAMO-D: the chosen clamp" in " ".join(warnings)  # edge of its grid
+  assert settings["namo_d"] == {"lr": 0.16, "clamp": 0.9}  # swept lr x clamp
+  assert isinstance(warnings, list)
   assert "transferred" not in capsys.readouterr().err
   job = compare.parse(["--data", "moby-dick", "--out", str(tmp_path)])
   assert compare.resolve_settings(job)[0] == settings

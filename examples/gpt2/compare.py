@@ -883,7 +883,20 @@ def _label(row) -> str:
   return f"{LABELS[row['optimizer']]} (lr {row['lr']:g})"
 
 
+def _names(rows) -> dict[int, str]:
+  """Each row's label; an optimizer with several rows gets its lr too."""
+  count: dict[str, int] = {}
+  for r in rows:
+    count[r["optimizer"]] = count.get(r["optimizer"], 0) + 1
+  return {
+    id(r): LABELS[r["optimizer"]]
+    + (f" (lr {r['lr']:g})" if count[r["optimizer"]] > 1 else "")
+    for r in rows
+  }
+
+
 def final_markdown(rows, pairs) -> str:
+  nm = _names(rows)
   lines = [
     "| rank | optimizer | lr | clamp | final val loss (mean ± std) | per seed "
     "| seeds | tokens / run | drop over the last 20 % (share of total) |",
@@ -905,7 +918,7 @@ def final_markdown(rows, pairs) -> str:
     ]
     for p in pairs:
       lines.append(
-        f"| {LABELS[p['better']['optimizer']]} < {LABELS[p['worse']['optimizer']]} "
+        f"| {nm[id(p['better'])]} < {nm[id(p['worse'])]} "
         f"| {p['mean']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | {p['n']} | "
         f"{'**yes**' if p['resolved'] else 'no'} |"
       )
@@ -915,24 +928,18 @@ def final_markdown(rows, pairs) -> str:
     if resolved:
       say.append(
         "Resolved (the 95 % interval of the paired difference excludes 0): "
-        + "; ".join(
-          f"{LABELS[p['better']['optimizer']]} < {LABELS[p['worse']['optimizer']]}"
-          for p in resolved
-        )
+        + "; ".join(f"{nm[id(p['better'])]} < {nm[id(p['worse'])]}" for p in resolved)
         + "."
       )
     if open_:
       say.append(
         "Not resolved (the interval includes 0, or too few seeds): "
-        + "; ".join(
-          f"{LABELS[p['better']['optimizer']]} vs {LABELS[p['worse']['optimizer']]}"
-          for p in open_
-        )
+        + "; ".join(f"{nm[id(p['better'])]} vs {nm[id(p['worse'])]}" for p in open_)
         + "."
       )
     lines += ["", *say]
   if len(rows) > 2:
-    names = [LABELS[r["optimizer"]] for r in rows]
+    names = [nm[id(r)] for r in rows]
     lines += [
       "",
       "All pairs: mean paired difference (column minus row, same seed); * marks "
