@@ -94,7 +94,7 @@ def scale_by_hyperball(
     if params is None:
       raise ValueError(f"{where} needs params in update.")
     entries, treedef = transforms.leaf_layouts(weight_dimension_numbers, updates, where)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    lr = validation.at_step(learning_rate, state.count)
     outs = [
       lay.map_parts(_hyperball_step, d, k, lr)
       for (_, d, lay), k in zip(entries, jax.tree.leaves(params), strict=True)

@@ -98,10 +98,6 @@ def _zeros_per_matrix(layout, dtype, width):
   return layout.each(lambda p: jnp.zeros((p.batch, width(p)), dt))
 
 
-def _learning_rate(learning_rate, count):
-  return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
 # ---------------------------------------------------------------------------
 # Orthogonalized momentum.
 
@@ -790,7 +786,7 @@ def scale_by_norm_adaptive(
       raw, state.step_size_state, None, matrix_step_sizes=True
     )
     _check_step_sizes(d, raw)
-    lr = _learning_rate(learning_rate, state.count)
+    lr = validation.at_step(learning_rate, state.count)
     entries, treedef = leaf_layouts(weight_dimension_numbers, o_tree, where)
     ks = jax.tree.leaves(params) if decays else [None] * len(entries)
     caps = (scale_coeff, weight_decay, weight_decay_mode, lr, cautious_weight_decay)

@@ -28,6 +28,16 @@ def _concrete(value) -> float | None:
     return None
 
 
+def at_step(value, count):
+  """A constant-or-schedule argument's value at the step ``count``.
+
+  Schedules (callables) are evaluated at ``count``; constants are returned as
+  they are. The one place that tells the two apart at update time, as
+  :func:`check_learning_rate` does at construction.
+  """
+  return value(count) if callable(value) else value
+
+
 def check_unit_interval(name: str, value, closed_right: bool = False) -> None:
   """``value`` in ``[0, 1)`` (or ``[0, 1]`` with ``closed_right``)."""
   v = _concrete(value)
@@ -178,23 +188,3 @@ def check_matches_state(updates: Any, reference: Any, where: str) -> None:
       f"the optimizer state was initialized for shape {tuple(jnp.shape(r))}; "
       "call init again after changing a parameter's shape."
     )
-
-
-def check_arrays(updates: Any, where: str) -> None:
-  """Every leaf of ``updates`` is an array (or a masked node).
-
-  The blocks of this package hand parameter-shaped arrays from one to the
-  next; a leaf of any other type means a transformation upstream changed the
-  tree, which is refused here rather than silently mis-read.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(
-    updates, is_leaf=lambda x: is_masked(x) or x is None
-  )[0]
-  for path, x in flat:
-    if is_masked(x):
-      continue
-    if x is None or not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise ValueError(
-        f"{where}: leaf {path_str(path)!r} of the updates is a "
-        f"{type(x).__name__}, not an array shaped like its parameter."
-      )

@@ -87,7 +87,7 @@ def add_cautious_weight_decay(
     count = optax.safe_increment(state.count)
     if isinstance(weight_decay, int | float) and weight_decay == 0:
       return updates, AddCautiousWeightDecayState(count)
-    wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    wd = validation.at_step(weight_decay, state.count)
 
     def one(u, k):
       if u is None:
