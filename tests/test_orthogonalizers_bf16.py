@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from optax.contrib import _muon as optax_muon
 
+from benchmarks.bench_bf16_accuracy import exact as exact_iteration
+from benchmarks.bench_bf16_accuracy import reference_bf16
 from optax_orth import orthogonalizers as orth
 
 PRESETS = ("standard", "dion", "polar_express")
@@ -24,32 +26,6 @@ BF16 = jnp.bfloat16
 def _rows(preset):
   rows, safety = orth.resolve_coeffs(preset)
   return [tuple(float(v) for v in row) for row in rows], safety
-
-
-def _exact(x, rows, safety, eps=1e-7):
-  """The iteration in float64 (NumPy), the same coefficients."""
-  x = np.asarray(x, np.float64)
-  x = x / (np.linalg.norm(x) * safety + eps)
-  for a, b, c in rows:
-    g = x @ x.T
-    x = a * x + (b * g + c * g @ g) @ x
-  return x
-
-
-def _reference_bf16(x, rows, safety, eps=1e-7):
-  """bfloat16 ``X``, exact coefficients, float32 axpy and accumulation."""
-
-  def mm(a, b):
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
-
-  x = jnp.asarray(x, jnp.float32)
-  x = (x / (jnp.linalg.norm(x) * safety + eps)).astype(BF16)
-  for a, b, c in rows:
-    g = mm(x, x.T)
-    gb = g.astype(BF16)
-    bmat = (b * g + c * mm(gb, gb)).astype(BF16)
-    x = (a * x.astype(jnp.float32) + mm(bmat, x)).astype(BF16)
-  return x
 
 
 def _deviation(y, exact):
@@ -68,8 +44,8 @@ def test_bf16_deviation_within_1p1x_of_reference(gaussian, preset, method):
   # Issue 14/17: the deviation from the exact iteration is at most 1.1x that
   # of the reference bfloat16 iteration, for every preset, plain and Gram.
   rows, safety = _rows(preset)
-  exact = _exact(gaussian, rows, safety)
-  ref = _deviation(_reference_bf16(gaussian, rows, safety), exact)
+  exact = exact_iteration(gaussian, rows, safety)
+  ref = _deviation(reference_bf16(gaussian, rows, safety), exact)
   y = orth.newton_schulz(jnp.asarray(gaussian), preset, dtype=BF16, method=method)
   assert y.dtype == jnp.float32
   assert _deviation(y, exact) <= 1.1 * ref, (_deviation(y, exact), ref)
@@ -78,8 +54,8 @@ def test_bf16_deviation_within_1p1x_of_reference(gaussian, preset, method):
 def test_bf16_custom_rows_and_scan(gaussian):
   rows = [(3.0, -3.2, 1.2), (2.5, -2.0, 0.6), (1.875, -1.25, 0.375)]
   x = jnp.asarray(gaussian[:128, :512])
-  exact = _exact(x, rows, 1.0)
-  ref = _deviation(_reference_bf16(x, rows, 1.0), exact)
+  exact = exact_iteration(x, rows, 1.0)
+  ref = _deviation(reference_bf16(x, rows, 1.0), exact)
   for method in ("plain", "gram"):
     for unroll in (True, False):
       y = orth.newton_schulz(x, rows, dtype=BF16, method=method, unroll=unroll)
