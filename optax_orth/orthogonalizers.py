@@ -558,7 +558,7 @@ def _iterate(
   """The validated :func:`newton_schulz`: transposition, normalization, steps."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
-    x = jnp.swapaxes(x, -1, -2)
+    x = _transpose(x, arith)
   r_dim, c_dim = x.shape[-2:]
   if restart is None:
     restart = default_restart(arith.operand)
@@ -571,7 +571,26 @@ def _iterate(
     x = _gram_iteration(x, coeff_rows, first, restart, arith, unroll, symmetric)
   else:
     x = _plain(x, coeff_rows, first, arith, unroll, symmetric)
-  return jnp.swapaxes(x, -1, -2) if transposed else x
+  return _transpose(x, arith) if transposed else x
+
+
+def _transpose(x: jax.Array, arith: _Arith) -> jax.Array:
+  """Swaps the last two axes, as a copy of its own for a low-precision dtype."""
+  if arith.low_precision:
+    return materialized_transpose(x)
+  return jnp.swapaxes(x, -1, -2)
+
+
+def materialized_transpose(x: jax.Array) -> jax.Array:
+  """Swaps the last two axes as a copy that XLA cannot fold into a dot.
+
+  XLA folds a transpose into the dot that reads or produces it. On CPU a
+  bfloat16 dot with float32 accumulation and such folded dimensions has no
+  kernel (``UNIMPLEMENTED: ... BF16 x BF16 = F32``), so the transposes around
+  a low-precision Newton–Schulz are kept apart from the dots on either side.
+  """
+  barrier = jax.lax.optimization_barrier
+  return barrier(jnp.swapaxes(barrier(x), -1, -2))
 
 
 def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:

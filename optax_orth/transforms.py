@@ -109,9 +109,12 @@ def orthogonalize_grouped(
 ) -> list[jax.Array]:
   """Orthogonalizes ``(batch, m, n)`` stacks with one call per shape.
 
-  Tall stacks are transposed so that ``m <= n``, stacks of one shape and
-  dtype are concatenated along the batch axis and orthogonalized together,
-  and the results are split and transposed back. The orthogonalizer must
+  Tall stacks are transposed so that ``m <= n``, stacks of one shape,
+  orientation and dtype are concatenated along the batch axis and
+  orthogonalized together, and the results are split and transposed back.
+  Tall and wide stacks of one shape stay in separate calls: concatenating a
+  transposed stack with untransposed ones costs a copy that measured slower
+  than the extra call (``docs/benchmarks.md``). The orthogonalizer must
   commute with transposition, as every polar approximation does. Under a
   device mesh (``sharding="auto"`` with a mesh in context, or an
   :class:`optax_orth.OwnerSharding`), each group is distributed over the mesh
@@ -123,10 +126,10 @@ def orthogonalize_grouped(
   groups: dict[tuple, list[tuple[int, bool]]] = {}
   for i, x in enumerate(matrices):
     tall = x.shape[1] > x.shape[2]
-    key = (min(x.shape[1:]), max(x.shape[1:]), x.dtype)
+    key = (min(x.shape[1:]), max(x.shape[1:]), tall, x.dtype)
     groups.setdefault(key, []).append((i, tall))
   out: list[jax.Array] = [None] * len(matrices)  # type: ignore[list-item]
-  swap = lambda x, tall: jnp.swapaxes(x, 1, 2) if tall else x
+  swap = lambda x, tall: orth_lib.materialized_transpose(x) if tall else x
   for members in groups.values():
     xs = [swap(matrices[i], tall) for i, tall in members]
     ys = sharding_lib.owner_orthogonalize(xs, orthogonalizer, sharding)

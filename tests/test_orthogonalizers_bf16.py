@@ -126,6 +126,75 @@ def test_bf16_products_accumulate_in_float32():
     assert "-> tensor<" in line and "xf32>" in line.split("->")[-1], line
 
 
+@pytest.mark.parametrize("method", ["auto", "plain", "gram"])
+@pytest.mark.parametrize("shape", [(256, 64), (2, 128, 32), (3, 2, 96, 32)])
+def test_bf16_tall_runs_and_equals_the_transposed_wide(shape, method):
+  # On CPU, XLA folded the transposes around a tall input into the dots, and
+  # a bfloat16 x bfloat16 -> float32 dot with folded dimensions has no kernel
+  # there (UNIMPLEMENTED ... DotThunk); the tall input must run, and give the
+  # transpose of the wide result (bit for bit where the Gram form is used;
+  # the plain form's float32 norm can round differently in the transposed
+  # layout, a difference far below bfloat16's own, about 0.03 from float32).
+  x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+  ns = jax.jit(lambda x: orth.newton_schulz(x, dtype=BF16, method=method))
+  tall = ns(jnp.asarray(x))
+  wide = jnp.swapaxes(ns(jnp.asarray(np.swapaxes(x, -1, -2))), -1, -2)
+  assert tall.shape == x.shape
+  assert float(jnp.linalg.norm(tall - wide) / jnp.linalg.norm(wide)) < 0.01
+
+
+@pytest.mark.parametrize("alias", ["muon", "namo", "namo_d", "normuon", "adamuon"])
+def test_bf16_optimizers_on_stacked_tall_and_wide_leaves(alias):
+  # A scan-stacked MLP: (layers, 4d, d) tall and (layers, d, 4d) wide kernels,
+  # which crashed every optimizer with ns_dtype=bfloat16 on CPU before.
+  import optax_orth
+
+  rng = np.random.default_rng(0)
+  shapes = {"fc": (3, 32, 128), "out": (3, 128, 32), "proj": (2, 96, 32)}
+  params = {
+    k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()
+  }
+  dims = optax_orth.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+  spec = {k: dims for k in shapes}
+  kw = {
+    "muon_weight_dimension_numbers"
+    if alias == "muon"
+    else "weight_dimension_numbers": spec
+  }
+  bf = getattr(optax_orth, alias)(0.02, ns_dtype=BF16, **kw)
+  f32 = getattr(optax_orth, alias)(0.02, **kw)
+  s_bf, s_32 = bf.init(params), f32.init(params)
+  for _ in range(3):
+    u_bf, s_bf = jax.jit(bf.update)(params, s_bf, params)
+    u_32, s_32 = jax.jit(f32.update)(params, s_32, params)
+  for k in shapes:
+    assert bool(jnp.all(jnp.isfinite(u_bf[k]))), k
+    err = jnp.linalg.norm(u_bf[k] - u_32[k]) / jnp.linalg.norm(u_32[k])
+    assert float(err) < 0.05, (k, float(err))
+
+
+def test_grouping_keeps_tall_and_wide_apart():
+  # One call per shape and orientation: a transposed stack is not concatenated
+  # with untransposed ones of the same shape (the copy measured slower).
+  from optax_orth import transforms
+
+  calls = []
+
+  def orthogonalizer(x):
+    calls.append(x.shape)
+    return orth.newton_schulz(x)
+
+  rng = np.random.default_rng(0)
+  mats = [
+    jnp.asarray(rng.standard_normal(s), jnp.float32)
+    for s in [(1, 16, 64), (1, 64, 16), (2, 16, 64), (1, 64, 16)]
+  ]
+  out = transforms.orthogonalize_grouped(mats, orthogonalizer, None)
+  assert sorted(calls) == [(2, 16, 64), (3, 16, 64)]
+  for x, y in zip(mats, out, strict=True):
+    chex.assert_trees_all_close(y, orth.newton_schulz(x), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Complex inputs.
 
