@@ -253,6 +253,11 @@ def test_every_flag_has_a_description():
   for flag in ("--data", "--lr-grid", "--clamp-grid", "--val-fraction", "--sweep"):
     assert flag in text
   assert "moby-dick" in text and ".tar.xz" in text  # what --data takes
+  # One default note per flag, with the cpu preset's value where it has one.
+  flat = " ".join(text.split())
+  assert "(default: None)" not in flat and "preset's) (default" not in flat
+  assert "--steps STEPS training steps (the schedule spans them) (default: the" in flat
+  assert "cpu: 320)" in flat
 
 
 def test_compare_grids_parse():

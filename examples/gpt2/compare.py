@@ -74,14 +74,14 @@ HERE = Path(__file__).resolve().parent
 SWEEPS_DIR = HERE / "sweeps"
 
 #: Learning-rate grids of the ``cpu`` preset's sweep, a factor 2 apart, around
-#: the optima of the earlier 164k-token sweep (docs/results.md, history).
-#: AdamW's optimum sits at this grid's upper edge at 655k tokens (the sweep
-#: warns); widen it with ``--lr-grid adamw=...``.
+#: the optima of the SOTU sweep at 655k tokens (docs/results.md): AdamW's
+#: first grid stopped at 4e-3, where its optimum sat, and NAMO-D's lr 0.04 lost
+#: at every clamp, so both grids moved up one point.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-  "adamw": (1e-3, 2e-3, 4e-3),
+  "adamw": (1e-3, 2e-3, 4e-3, 8e-3),
   "muon": (0.02, 0.04, 0.08),
   "namo": (0.08, 0.16, 0.32),
-  "namo_d": (0.04, 0.08, 0.16),
+  "namo_d": (0.08, 0.16, 0.32),
   "normuon": (0.02, 0.04, 0.08),
 }
 #: NAMO-D's clamp grid: the values of the NAMO paper's sweeps.
@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     clamp_grid=(0.12, 0.75, 0.9),
   ),
   "cpu": dict(
-    train_lib.PRESETS["cpu"], seeds=3, sweep_seeds=1, lockstep=3,
+    train_lib.PRESETS["cpu"], seeds=3, sweep_seeds=2, lockstep=3,
     lr_grids=LR_GRIDS, clamp_grid=CLAMP_GRID,
   ),
   "gpu": dict(
@@ -197,7 +197,7 @@ def _floats(text: str, flag: str, positive: bool = False) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
     description=__doc__.split("\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=train_lib.HelpFormatter,
   )
   parser.add_argument(
     "--preset",
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
       dest=f.name,
       type=kind,
       default=None,
-      help=help_text + " (default: the preset's)",
+      help=help_text + train_lib.preset_default(f.name, PRESETS),
     )
   parser.add_argument(
     "--optimizers",
@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--lockstep",
     type=int,
     default=None,
-    help="runs trained together by one compiled call (default: the preset's)",
+    help="runs trained together by one compiled call"
+    + train_lib.preset_default("lockstep", PRESETS),
   )
   parser.add_argument(
     "--no-progress", action="store_true", help="plain lines instead of a progress bar"

@@ -832,6 +832,25 @@ def _save_args(state):
   return ocp.args.StandardSave(state)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends ``(default: ...)`` only to flags whose help does not name one."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    return text if "default" in text else super()._get_help_string(action)
+
+
+def preset_default(name: str, presets=PRESETS) -> str:
+  """``(default: the preset's; cpu: 320)``: the note for a preset-set flag."""
+  fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  value = presets["cpu"].get(name, fields.get(name))
+  return (
+    " (default: the preset's)"
+    if value is None
+    else (f" (default: the preset's; cpu: {value})")
+  )
+
+
 def add_config_args(parser: argparse.ArgumentParser, presets=PRESETS) -> None:
   """Command-line flags for every :class:`TrainConfig` field, plus --preset."""
   parser.add_argument(
@@ -850,7 +869,7 @@ def add_config_args(parser: argparse.ArgumentParser, presets=PRESETS) -> None:
       dest=f.name,
       type=kind,
       default=None,
-      help=FIELD_HELP[f.name] + " (default: the preset's)",
+      help=FIELD_HELP[f.name] + preset_default(f.name, presets),
     )
 
 
