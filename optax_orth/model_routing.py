@@ -285,7 +285,7 @@ def _linen_trace(module, inputs, kwargs, rngs):
     m = context.module
     path = "/".join(map(str, m.path))
     own = {
-      k: tuple(jnp.shape(v))
+      k: tuple(jnp.shape(nn.meta.unbox(v)))  # nn.with_partitioning boxes
       for k, v in m.variables.get("params", {}).items()
       if not isinstance(v, Mapping)
     }

@@ -167,3 +167,41 @@ def test_tied_embedding_head_is_the_embedding():
   )
   assert "| proj/kernel | (8, 8) | orthogonal | 1 x 8 x 8 | Linear kernel |" in table
   assert "| embed/embedding | (20, 8) | adam | - | Embed embedding |" in table
+
+
+def test_linen_with_partitioning_boxes_are_read_and_train():
+  # nn.with_partitioning wraps kernels in nn.Partitioned boxes; their shapes
+  # are read through the box (this raised ZeroDivisionError before), and the
+  # boxed parameter tree trains with the spec.
+  import flax.linen as nn
+  import numpy as np
+  import optax
+
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(32, kernel_init=init)(x))
+      x = nn.relu(nn.Dense(24, kernel_init=init)(x))
+      return nn.Dense(8)(x)
+
+  model, x = MLP(), jnp.ones((2, 16))
+  spec = optax_orth.route_by_model(model, x)
+  params = model.init(jax.random.key(0), x)["params"]
+  table = optax_orth.routing_table(params, spec)
+  assert "| Dense_0/kernel | (16, 32) | orthogonal |" in table.replace("params/", "")
+  assert "| Dense_1/kernel | (32, 24) | orthogonal |" in table.replace("params/", "")
+  opt = optax_orth.muon(0.02, muon_weight_dimension_numbers=spec)
+  state = opt.init(params)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  grads = treedef.unflatten(
+    [jax.random.normal(k, v.shape) for k, v in zip(keys, leaves, strict=True)]
+  )
+  updates, _ = opt.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  kernel = nn.meta.unbox(updates["Dense_1"]["kernel"])
+  s = np.linalg.svd(np.asarray(kernel), compute_uv=False)  # orthogonalized
+  assert isinstance(new["Dense_0"]["kernel"], nn.Partitioned)
+  assert s.max() / s.min() < 2.0  # a Gaussian 32 x 24 has about 14
