@@ -301,9 +301,22 @@ def test_default_settings_come_from_the_committed_sweep(tmp_path, capsys):
   assert settings["namo_d"] == {"lr": 0.16, "clamp": 0.9}  # swept lr x clamp
   assert isinstance(warnings, list)
   assert "transferred" not in capsys.readouterr().err
+  # moby-dick has a committed sweep of its own ...
   job = compare.parse(["--data", "moby-dick", "--out", str(tmp_path)])
+  moby, source, _ = compare.resolve_settings(job)
+  assert source.endswith("sweeps/moby-dick-cpu.json")
+  assert moby["namo_d"] == {"lr": 0.08, "clamp": 0.12}
+  assert "transferred" not in capsys.readouterr().err
+  # ... a corpus without one gets the sotu sweep's settings, and is told so.
+  text = tmp_path / "book.txt"
+  text.write_text("call me ishmael. " * 2000)
+  job = compare.parse(["--data", str(text), "--out", str(tmp_path)])
   assert compare.resolve_settings(job)[0] == settings
   assert "transferred" in capsys.readouterr().err
+  # A sweep of another budget is not used, and the error says why.
+  job = compare.parse(["--steps", "640", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match="sotu-cpu.json was swept with other steps"):
+    compare.resolve_settings(job)
 
 
 def test_paired_intervals_and_resolution():
