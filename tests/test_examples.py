@@ -315,7 +315,7 @@ def test_default_settings_come_from_the_committed_sweep(tmp_path, capsys):
   assert "transferred" in capsys.readouterr().err
   # A sweep of another budget is not used, and the error says why.
   job = compare.parse(["--steps", "640", "--out", str(tmp_path)])
-  with pytest.raises(SystemExit, match="sotu-cpu.json was swept with other steps"):
+  with pytest.raises(SystemExit, match=r"sotu-cpu\.json was swept with other steps"):
     compare.resolve_settings(job)
 
 
