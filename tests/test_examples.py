@@ -298,7 +298,7 @@ def test_default_settings_come_from_the_committed_sweep(tmp_path, capsys):
   settings, source, warnings = compare.resolve_settings(job)
   assert source.endswith("sweeps/sotu-cpu.json")
   assert set(settings) == set(train_lib.OPTIMIZERS)
-  assert settings["namo_d"] == {"lr": 0.16, "clamp": 0.9}  # swept lr x clamp
+  assert settings["namo_d"] == {"lr": 0.08, "clamp": 0.9}  # swept lr x clamp
   assert isinstance(warnings, list)
   assert "transferred" not in capsys.readouterr().err
   # moby-dick has a committed sweep of its own ...
