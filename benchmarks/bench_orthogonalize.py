@@ -412,7 +412,7 @@ def main(argv=None):
   result = {
     "device": str(device),
     "device_kind": device.device_kind,
-    "cpu_model": _cpu_model(),
+    "cpu_model": cpu_model(),
     "platform": platform.platform(),
     "cpu_count": os.cpu_count(),
     "jax": jax.__version__,
@@ -506,7 +506,7 @@ def markdown(res) -> str:
   return "\n".join(lines)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
       if line.startswith("model name"):

@@ -51,20 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_orthogonalize import cpu_model
+from torch_muon_worker import torch_fns, tree_arrays, tree_shapes
 
 import optax_orth
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tree_shapes(layers: int, width: int) -> dict[str, tuple[int, int]]:
-  shapes = {}
-  for i in range(layers):
-    shapes[f"h{i}_qkv"] = (width, 3 * width)
-    shapes[f"h{i}_proj"] = (width, width)
-    shapes[f"h{i}_fc"] = (width, 4 * width)
-    shapes[f"h{i}_out"] = (4 * width, width)
-  return shapes
 
 
 def loadavg():
@@ -72,16 +64,6 @@ def loadavg():
     return list(os.getloadavg())
   except OSError:
     return None
-
-
-def cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:
@@ -104,27 +86,6 @@ def jax_step(opt, grads, params):
 
   compiled = jax.jit(step).lower(grads, state, params).compile()
   return lambda: jax.block_until_ready(compiled(grads, state, params))
-
-
-def torch_fns(torch, shapes, lr: float, n: int) -> dict:
-  """PyTorch's timed calls: the ``torch.optim.Muon`` step and two products."""
-  params_np, grads_np = tree_arrays(shapes)
-  params = [torch.nn.Parameter(torch.from_numpy(p)) for p in params_np.values()]
-  for p, g in zip(params, grads_np.values(), strict=True):
-    p.grad = torch.from_numpy(g)
-  opt = torch.optim.Muon(params, lr=lr, weight_decay=0.0, momentum=0.95)
-
-  def step():
-    with torch.no_grad():
-      opt.step()
-
-  ta = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), np.float32))
-  tb = ta.bfloat16()
-  return {
-    "torch.optim.Muon": step,
-    "torch f32": lambda: ta @ ta,
-    "torch bf16 -> bf16": lambda: tb @ tb,
-  }
 
 
 def jax_matmul_fns(n: int) -> dict:
@@ -151,12 +112,14 @@ class RemoteCall:
 
 
 class TorchProcess:
-  """PyTorch's calls in a child process of their own, timed there."""
+  """PyTorch's calls in a child process of their own (``torch_muon_worker.py``,
+  which imports NumPy and PyTorch only), timed there."""
 
   def __init__(self, args):
     import subprocess
 
-    cmd = [sys.executable, __file__, "--worker", "--layers", str(args.layers)]
+    worker = Path(__file__).with_name("torch_muon_worker.py")
+    cmd = [sys.executable, str(worker), "--layers", str(args.layers)]
     cmd += ["--width", str(args.width), "--matmul", str(args.matmul)]
     self.proc = subprocess.Popen(
       cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
@@ -179,33 +142,6 @@ class TorchProcess:
   def close(self):
     self.proc.stdin.close()
     self.proc.wait(timeout=60)
-
-
-def worker(args) -> None:
-  """The child side of :class:`TorchProcess`: one timed call per request."""
-  import torch
-
-  fns = torch_fns(torch, tree_shapes(args.layers, args.width), 1e-3, args.matmul)
-  info = {
-    "torch": torch.__version__,
-    "torch_threads": torch.get_num_threads(),
-    "calls": list(fns),
-  }
-  print(json.dumps(info), flush=True)
-  for line in sys.stdin:
-    fn = fns[line.strip()]
-    t = time.perf_counter()
-    fn()
-    print(time.perf_counter() - t, flush=True)
-
-
-def tree_arrays(shapes):
-  rng = np.random.default_rng(0)
-  params = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
-  grads = {
-    k: 0.01 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()
-  }
-  return params, grads
 
 
 def time_interleaved(fns: dict, repeats: int) -> dict:
@@ -239,10 +175,7 @@ def main(argv=None):
     help="run PyTorch in a child process (default) or in this one",
   )
   ap.add_argument("--label", default="", help="suffix of the results file name")
-  ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
-  if args.worker:
-    return worker(args)
   import importlib.util
 
   if importlib.util.find_spec("torch") is None:

@@ -123,18 +123,17 @@ def orthogonalize_grouped(
   :func:`optax_orth.sharding.owner_orthogonalize`. ``sharding=None``, no
   mesh, or one device: the plain grouped call.
   """
-  groups: dict[tuple, list[tuple[int, bool]]] = {}
+  groups: dict[tuple, list[int]] = {}
   for i, x in enumerate(matrices):
-    tall = x.shape[1] > x.shape[2]
-    key = (min(x.shape[1:]), max(x.shape[1:]), tall, x.dtype)
-    groups.setdefault(key, []).append((i, tall))
+    groups.setdefault((x.shape[1:], x.dtype), []).append(i)
   out: list[jax.Array] = [None] * len(matrices)  # type: ignore[list-item]
-  swap = lambda x, tall: orth_lib.materialized_transpose(x) if tall else x
-  for members in groups.values():
-    xs = [swap(matrices[i], tall) for i, tall in members]
+  for (shape, _), members in groups.items():
+    tall = shape[0] > shape[1]
+    swap = orth_lib.materialized_transpose if tall else (lambda x: x)
+    xs = [swap(matrices[i]) for i in members]
     ys = sharding_lib.owner_orthogonalize(xs, orthogonalizer, sharding)
-    for (i, tall), y in zip(members, ys, strict=True):
-      out[i] = swap(y, tall)
+    for i, y in zip(members, ys, strict=True):
+      out[i] = swap(y)
   return sharding_lib.keep_layout(out, matrices, sharding)
 
 

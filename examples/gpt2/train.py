@@ -844,11 +844,8 @@ def preset_default(name: str, presets=PRESETS) -> str:
   """``(default: the preset's; cpu: 320)``: the note for a preset-set flag."""
   fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
   value = presets["cpu"].get(name, fields.get(name))
-  return (
-    " (default: the preset's)"
-    if value is None
-    else (f" (default: the preset's; cpu: {value})")
-  )
+  cpu = "" if value is None else f"; cpu: {value}"
+  return f" (default: the preset's{cpu})"
 
 
 def add_config_args(parser: argparse.ArgumentParser, presets=PRESETS) -> None:
