@@ -75,16 +75,16 @@ HERE = Path(__file__).resolve().parent
 SWEEPS_DIR = HERE / "sweeps"
 
 #: Learning-rate grids of the ``cpu`` preset's sweep, a factor 2 apart, around
-#: the optima of the SOTU sweep at 655k tokens (docs/results.md): AdamW's
-#: first grid stopped at 4e-3, where its optimum sat, and NAMO-D's lr 0.04 lost
-#: at every clamp, so both grids moved up one point.
+#: the optima that both corpora's sweeps chose for the previous ``cpu`` model
+#: (d_model 128, 655k tokens; docs/results.md, "History").
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-  "adamw": (1e-3, 2e-3, 4e-3, 8e-3),
+  "adamw": (2e-3, 4e-3, 8e-3),
   "muon": (0.02, 0.04, 0.08),
-  "namo": (0.08, 0.16, 0.32),
-  "namo_d": (0.08, 0.16, 0.32),
+  "namo": (0.04, 0.08, 0.16),
+  "namo_d": (0.04, 0.08, 0.16),
   "normuon": (0.02, 0.04, 0.08),
 }
+
 #: NAMO-D's clamp grid: the values of the NAMO paper's sweeps.
 CLAMP_GRID: tuple[float, ...] = (0.12, 0.4, 0.75, 0.9)
 

@@ -173,10 +173,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, steps=12,
     warmup_steps=2, eval_every=6, eval_batches=2,
   ),
-  # 2 CPU cores: 0.39M matrix parameters, bytes as tokens, 655,360 tokens per
-  # run (the preset of compare.py's measured runs, docs/results.md).
+  # 2 CPU cores: 0.10M matrix parameters, bytes as tokens, 2,621,440 tokens
+  # per run (the preset of compare.py's measured runs, docs/results.md).
   "cpu": dict(
-    n_layer=2, n_head=4, d_model=128, seq_len=64, batch_size=32, steps=320,
+    n_layer=2, n_head=4, d_model=64, seq_len=64, batch_size=32, steps=1280,
     warmup_steps=32, eval_every=32, eval_batches=4, final_eval_batches=32,
     adam_lr=4e-3,
   ),
