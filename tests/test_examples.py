@@ -257,7 +257,7 @@ def test_every_flag_has_a_description():
   flat = " ".join(text.split())
   assert "(default: None)" not in flat and "preset's) (default" not in flat
   assert "--steps STEPS training steps (the schedule spans them) (default: the" in flat
-  assert "cpu: 320)" in flat
+  assert f"cpu: {train_lib.PRESETS['cpu']['steps']})" in flat
 
 
 def test_compare_grids_parse():
@@ -293,19 +293,25 @@ def test_compare_grids_parse():
   assert job.seeds == [0, 1, 2]
 
 
+def _chosen(path):
+  """Each optimizer's chosen ``{"lr", "clamp"}`` in a committed sweep file."""
+  sweep = json.loads(path.read_text())["sweep"]
+  return {name: dict(s["chosen"]) for name, s in sweep.items()}
+
+
 def test_default_settings_come_from_the_committed_sweep(tmp_path, capsys):
   job = compare.parse(["--out", str(tmp_path)])
   settings, source, warnings = compare.resolve_settings(job)
   assert source.endswith("sweeps/sotu-cpu.json")
   assert set(settings) == set(train_lib.OPTIMIZERS)
-  assert settings["namo_d"] == {"lr": 0.08, "clamp": 0.9}  # swept lr x clamp
+  assert settings == _chosen(compare.SWEEPS_DIR / "sotu-cpu.json")
   assert isinstance(warnings, list)
   assert "transferred" not in capsys.readouterr().err
   # moby-dick has a committed sweep of its own ...
   job = compare.parse(["--data", "moby-dick", "--out", str(tmp_path)])
   moby, source, _ = compare.resolve_settings(job)
   assert source.endswith("sweeps/moby-dick-cpu.json")
-  assert moby["namo_d"] == {"lr": 0.08, "clamp": 0.12}
+  assert moby == _chosen(compare.SWEEPS_DIR / "moby-dick-cpu.json")
   assert "transferred" not in capsys.readouterr().err
   # ... a corpus without one gets the sotu sweep's settings, and is told so.
   text = tmp_path / "book.txt"

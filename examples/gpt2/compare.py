@@ -74,15 +74,16 @@ else:
 HERE = Path(__file__).resolve().parent
 SWEEPS_DIR = HERE / "sweeps"
 
-#: Learning-rate grids of the ``cpu`` preset's sweep, a factor 2 apart, around
-#: the optima that both corpora's sweeps chose for the previous ``cpu`` model
-#: (d_model 128, 655k tokens; docs/results.md, "History").
+#: Learning-rate grids of the ``cpu`` preset's sweep, a factor 2 apart. They
+#: began around the optima of the previous ``cpu`` model (d_model 128, 655k
+#: tokens) and moved where the SOTU sweep at this budget found the optimum at
+#: an edge (docs/results.md).
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-  "adamw": (2e-3, 4e-3, 8e-3),
-  "muon": (0.02, 0.04, 0.08),
-  "namo": (0.04, 0.08, 0.16),
-  "namo_d": (0.04, 0.08, 0.16),
-  "normuon": (0.02, 0.04, 0.08),
+  "adamw": (1e-3, 2e-3, 4e-3, 8e-3),
+  "muon": (0.01, 0.02, 0.04),
+  "namo": (0.08, 0.16, 0.32),
+  "namo_d": (0.08, 0.16, 0.32),
+  "normuon": (0.01, 0.02, 0.04),
 }
 
 #: NAMO-D's clamp grid: the values of the NAMO paper's sweeps.
@@ -98,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     clamp_grid=(0.12, 0.75, 0.9),
   ),
   "cpu": dict(
-    train_lib.PRESETS["cpu"], seeds=3, sweep_seeds=2, lockstep=3,
+    train_lib.PRESETS["cpu"], seeds=5, sweep_seeds=2, lockstep=3,
     lr_grids=LR_GRIDS, clamp_grid=CLAMP_GRID,
   ),
   "gpu": dict(
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--seeds",
     type=int,
     default=None,
-    help="final runs per optimizer, on seeds SEED..SEED+N-1 (default: the preset's, 3)",
+    help="final runs per optimizer, on seeds SEED..SEED+N-1"
+    + train_lib.preset_default("seeds", PRESETS),
   )
   parser.add_argument(
     "--sweep",
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--sweep-seeds",
     type=int,
     default=None,
-    help="seeds per sweep point (default: the preset's, 1)",
+    help="seeds per sweep point" + train_lib.preset_default("sweep_seeds", PRESETS),
   )
   parser.add_argument(
     "--sweep-seed",
