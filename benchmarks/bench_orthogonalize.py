@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from gpt_shapes import gpt2_shapes
 from optax.contrib import _muon as optax_muon
 
 import optax_orth
@@ -72,16 +73,6 @@ def markers(label: str = "") -> tuple[str, str]:
 
 
 STANDARD = (3.4445, -4.7750, 2.0315)
-
-
-def gpt2_shapes(layers: int, width: int = 768) -> dict[str, tuple[int, int]]:
-  shapes = {}
-  for i in range(layers):
-    shapes[f"h_{i}/attn/c_attn/kernel"] = (width, 3 * width)
-    shapes[f"h_{i}/attn/c_proj/kernel"] = (width, width)
-    shapes[f"h_{i}/mlp/c_fc/kernel"] = (width, 4 * width)
-    shapes[f"h_{i}/mlp/c_proj/kernel"] = (4 * width, width)
-  return shapes
 
 
 def nest(flat: dict[str, jax.Array]) -> dict:

@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from bench_orthogonalize import cpu_model
-from torch_muon_worker import torch_fns, tree_arrays, tree_shapes
+from gpt_shapes import gpt2_shapes
+from torch_muon_worker import torch_fns, tree_arrays
 
 import optax_orth
 
@@ -184,7 +185,7 @@ def main(argv=None):
   separate = args.torch_process == "separate"
 
   load_before = loadavg()
-  shapes = tree_shapes(args.layers, args.width)
+  shapes = gpt2_shapes(args.layers, args.width)
   params_np, grads_np = tree_arrays(shapes)
   params = {k: jnp.asarray(v) for k, v in params_np.items()}
   grads = {k: jnp.asarray(v) for k, v in grads_np.items()}

@@ -15,16 +15,7 @@ import sys
 import time
 
 import numpy as np
-
-
-def tree_shapes(layers: int, width: int) -> dict[str, tuple[int, int]]:
-  shapes = {}
-  for i in range(layers):
-    shapes[f"h{i}_qkv"] = (width, 3 * width)
-    shapes[f"h{i}_proj"] = (width, width)
-    shapes[f"h{i}_fc"] = (width, 4 * width)
-    shapes[f"h{i}_out"] = (4 * width, width)
-  return shapes
+from gpt_shapes import gpt2_shapes
 
 
 def tree_arrays(shapes):
@@ -66,7 +57,7 @@ def main() -> None:
   ap.add_argument("--width", type=int, required=True)
   ap.add_argument("--matmul", type=int, required=True)
   args = ap.parse_args()
-  fns = torch_fns(torch, tree_shapes(args.layers, args.width), 1e-3, args.matmul)
+  fns = torch_fns(torch, gpt2_shapes(args.layers, args.width), 1e-3, args.matmul)
   info = {
     "torch": torch.__version__,
     "torch_threads": torch.get_num_threads(),
