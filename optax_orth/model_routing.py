@@ -1,371 +1,886 @@
-"""Routing that reads the model: each Flax layer's own layout, as dimension numbers.
+"""Routing read from what the model computes.
 
-:func:`route_by_model` looks at a Flax NNX model's modules (or traces a Linen
-module's ``init``) and returns a spec that every optimizer of this package
-takes. For each parameter it knows which axes are the layer's fan-in, which
-its fan-out, and which are batch axes (the layer axis that ``nnx.vmap``,
-``nnx.scan`` or ``nn.scan`` adds, so each layer is orthogonalized on its own):
+:func:`route_by_model` traces one forward pass of the model to a jaxpr (with
+abstract inputs: nothing is computed) and follows every parameter leaf to
+where it is used:
 
-========================  =====================================================
-layer                     matrices
-========================  =====================================================
-``Linear`` / ``Dense``    ``(in, out)``
-``LinearGeneral`` /       the ``in_features`` (``axis``) axes by the
-``DenseGeneral``          ``out_features`` axes; ``batch_axis`` / ``batch_dims``
-                          are batch axes
-``Einsum``                from the einsum string: kernel axes shared with the
-                          input only are fan-in, with the output only fan-out,
-                          with both batch
-``MultiHeadAttention``    query/key/value ``(in, H*hd)``, out ``(H*hd, out)``;
-                          ``per_head=True``: one ``(in, hd)`` / ``(hd, out)``
-                          matrix per head
-``Conv``                  ``(kh*kw*in, out)``
-``Embed``, norms, biases  Adam
-the output head           Adam: a projection named as in
-                          :data:`optax_orth.routing.HEAD_PATTERNS`, or, given
-                          sample inputs, the last projection to the model's
-                          output (a tied ``Embed.attend`` is the embedding's)
-========================  =====================================================
+* layout-only operations (transpose, reshape, broadcast, squeeze, dtype
+  conversion, static slices and splits, ``jit`` / ``remat`` / ``custom_jvp`` /
+  ``custom_vjp`` calls, ``cond`` / ``while`` bodies and ``scan``, which slices
+  stacked leaves) carry the leaf's axes along;
+* a ``dot_general`` (every matmul and einsum) makes the axes it contracts the
+  leaf's fan-in, its free axes the fan-out, and the axes the dot batches, or
+  that ``scan`` or an index selects, batch axes: one matrix each;
+* a ``conv_general_dilated`` makes the kernel's input-feature and spatial
+  axes the fan-in and its output features the fan-out; each of
+  ``feature_group_count > 1`` groups is a matrix of its own, and a depthwise
+  kernel (one input channel per group) goes to Adam;
+* a ``gather`` (a table lookup) makes the leaf an embedding (Adam), also when
+  the table is used again in a dot (a tied output head);
+* a leaf used only elementwise (a scale, a bias, a gate) goes to Adam.
 
-Parameters of other modules are routed as :func:`optax_orth.route_by_path`
-would, and reported when only their shape decided.
+Where a projection's output is split or sliced along an axis that comes from
+the leaf (a fused QKV or gate/up kernel, stacked k/v), each block is its own
+matrix. With ``per_head=True``, an axis of the leaf that becomes the batch
+axis of an attention product (``q k^T``, ``p v``), or meets one in the output
+projection, is a batch axis: one matrix per head.
+
+An output head is a projection whose output reaches the model's output
+without passing through another projection or being added into a residual
+stream; every head goes to Adam. ``docs/routing.md`` gives the full table of
+readings and what the reader cannot decide.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
 from optax_orth import routing
-from optax_orth.routing import Decision
+from optax_orth.routing import Decision, SplitDimensionNumbers
 
-DN = MuonDimensionNumbers
-_QKV = ("query", "key", "value")
+try:  # jax >= 0.4.30
+  from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+except ImportError:  # pragma: no cover
+  from jax.core import ClosedJaxpr, Jaxpr, Literal
 
-
-class _Param(NamedTuple):
-  """One parameter of a known layer, before any stacking axes."""
-
-  dimension_numbers: MuonDimensionNumbers | None
-  shape: tuple[int, ...] | None  # the layer's own shape (None: not checked)
-  why: str
+HEAD, BLANK = -1, -2  # atom sources that are not a leaf
 
 
-class _Layer(NamedTuple):
-  """A known layer: its kind (for the why column) and its parameters."""
+class _Atom(NamedTuple):
+  """One digit of a leaf axis, as an axis of a traced value carries it.
 
-  kind: str
-  params: dict[str, _Param]
-  projection: bool  # a candidate for the output head
-
-
-def _tuple(axes) -> tuple[int, ...]:
-  return (axes,) if isinstance(axes, int) else tuple(axes)
-
-
-def _dn(red, out) -> MuonDimensionNumbers:
-  red, out = _tuple(red), _tuple(out)
-  return DN(red[0] if len(red) == 1 else red, out[0] if len(out) == 1 else out)
-
-
-def _general(n_batch: int, n_in: int, n_out: int) -> MuonDimensionNumbers:
-  """``batch + in + out`` axes, as ``LinearGeneral`` / ``DenseGeneral`` lay out."""
-  red = range(n_batch, n_batch + n_in)
-  return _dn(tuple(red), tuple(range(n_batch + n_in, n_batch + n_in + n_out)))
-
-
-def einsum_dimension_numbers(einsum_str: str) -> MuonDimensionNumbers | None:
-  """The kernel's dimension numbers for an ``Einsum(input, kernel)`` layer.
-
-  A kernel axis whose letter is in the input only is a fan-in axis, in the
-  output only a fan-out axis, in both a batch axis (for example a per-head
-  ``"bhi,hio->bho"``). ``None`` when the kernel has no fan-in or no fan-out
-  axis, or an axis summed out on its own.
-
-  Example: ``einsum_dimension_numbers("bti,ihd->bthd")`` is
-  ``MuonDimensionNumbers(0, (1, 2))``.
+  Index ``i`` along leaf axis ``axis`` has the digit ``(i // stride) % size``;
+  the value holds digits ``lo <= digit < hi`` of it. ``src`` is the leaf's
+  number, ``HEAD`` for an attention head axis, ``BLANK`` for anything else.
   """
-  spec = einsum_str.replace(" ", "").replace("...", "")
-  lhs, out = spec.split("->")
-  inp, ker = lhs.split(",")
-  red, fan_out = [], []
-  for i, c in enumerate(ker):
-    if c in inp and c not in out:
-      red.append(i)
-    elif c in out and c not in inp:
-      fan_out.append(i)
-    elif c not in inp and c not in out:
-      return None
-  return _dn(red, fan_out) if red and fan_out else None
+
+  src: int
+  axis: int
+  stride: int
+  size: int
+  lo: int
+  hi: int
+
+  @property
+  def extent(self) -> int:
+    return self.hi - self.lo
 
 
-def _kernel_layer(kind, dn, shape, projection=True, why=None) -> _Layer:
-  why = why or (f"{kind} kernel" if dn is not None else f"{kind} kernel (no matrix)")
-  params = {
-    "kernel": _Param(dn, shape, why),
-    "bias": _Param(None, None, f"{kind} bias"),
-  }
-  return _Layer(kind, params, projection)
+def _blank(n: int) -> tuple[_Atom, ...]:
+  return () if n == 1 else (_Atom(BLANK, 0, 1, n, 0, n),)
 
 
-def _adam_layer(kind: str, names: Sequence[str]) -> _Layer:
-  return _Layer(kind, {n: _Param(None, None, f"{kind} {n}") for n in names}, False)
+def _split_atom(a: _Atom, inner: int) -> tuple[_Atom, _Atom] | None:
+  """``a`` as (outer, inner) digits, the inner of extent ``inner``."""
+  if a.src == BLANK:
+    return _Atom(BLANK, 0, 1, a.extent // inner, 0, a.extent // inner), _blank(inner)[0]
+  if a.size % inner or a.lo % inner or a.hi % inner:
+    return None
+  outer = _Atom(
+    a.src, a.axis, a.stride * inner, a.size // inner, a.lo // inner, a.hi // inner
+  )
+  return outer, _Atom(a.src, a.axis, a.stride, inner, 0, inner)
 
 
-def _per_head(layer: _Layer, child: str, parent: str, per_head: bool) -> _Layer:
-  """A ``LinearGeneral`` / ``DenseGeneral`` child of an attention module."""
-  kind = f"{parent}.{child}"
-  kernel = layer.params["kernel"]
-  dn = kernel.dimension_numbers
-  if dn is not None and per_head and child in _QKV and len(_tuple(dn.output_axis)) > 1:
-    dn = _dn(dn.reduction_axis, _tuple(dn.output_axis)[1:])
-  elif dn is not None and per_head and child == "out":
-    dn = _dn(_tuple(dn.reduction_axis)[1:], dn.output_axis)
-  why = f"{kind} kernel" + (", per head" if per_head else "")
-  return _kernel_layer(kind, dn, kernel.shape, projection=False, why=why)
+def _regroup(atoms: list[_Atom], sizes: Sequence[int]):
+  """``atoms`` (outer to inner) cut into groups of the given extents, or
+  ``None`` when a digit would have to be cut unevenly."""
+  atoms, out = [a for a in atoms if a.extent != 1], []
+  for n in sizes:
+    group, need = [], n
+    while need > 1:
+      if not atoms:
+        return None
+      a = atoms.pop(0)
+      if need % a.extent == 0:
+        group.append(a)
+        need //= a.extent
+      elif a.extent % need == 0:
+        pair = _split_atom(a, a.extent // need)
+        if pair is None:
+          return None
+        group.append(pair[0])
+        atoms.insert(0, pair[1])
+        need = 1
+      else:
+        return None
+    out.append(tuple(group))
+  return out if not atoms else None
 
 
-# Flax NNX ---------------------------------------------------------------------
+class _Info(NamedTuple):
+  """What the reader knows of one traced value."""
 
-_NNX_NORMS = tuple(
-  getattr(nnx, n)
-  for n in ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
-  if hasattr(nnx, n)
-)
-_NNX_PROJECTIONS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
-
-
-def _nnx_layer(module) -> _Layer | None:
-  kind = type(module).__name__
-  if isinstance(module, nnx.Linear):
-    shape = (module.in_features, module.out_features)
-    return _kernel_layer(kind, DN(0, 1), shape)
-  if isinstance(module, nnx.LinearGeneral):
-    batch = tuple(module.batch_axis.values())
-    ins, outs = tuple(module.in_features), tuple(module.out_features)
-    dn = _general(len(batch), len(ins), len(outs))
-    return _kernel_layer(kind, dn, (*batch, *ins, *outs))
-  if isinstance(module, nnx.Einsum):
-    dn = einsum_dimension_numbers(module.einsum_str)
-    return _kernel_layer(kind, dn, tuple(module.kernel_shape))
-  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
-    shape = tuple(module.kernel_shape)
-    return _kernel_layer(kind, _dn(tuple(range(len(shape) - 1)), len(shape) - 1), shape)
-  if isinstance(module, nnx.Embed):
-    return _adam_layer(kind, ["embedding"])
-  if isinstance(module, _NNX_NORMS):
-    return _adam_layer(kind, ["scale", "bias"])
-  return None
+  leaf: int | None = None  # the value is this leaf, moved by layout ops only
+  axes: tuple | None = None  # per axis, its atoms (None: all blank)
+  fixed: tuple = ()  # leaf digits selected away (an index, a scan slice)
+  act: bool = False  # depends on the model's inputs
+  param: bool = False  # depends on a parameter
+  flags: frozenset = frozenset()  # projections whose output reaches it directly
 
 
-def _nnx_layers(model, per_head: bool) -> tuple[dict[str, _Layer], dict[str, str]]:
-  """Known layers and every module's type name, by ``/``-joined module path."""
-  modules = {
-    "/".join(map(str, path)): node
-    for path, node in nnx.iter_graph(model)
-    if isinstance(node, nnx.Module)
-  }
-  layers = {}
-  for path, module in modules.items():
-    layer = _nnx_layer(module)
-    parent_path, _, child = path.rpartition("/")
-    parent = modules.get(parent_path) if path else None
-    if layer is not None and isinstance(parent, nnx.MultiHeadAttention):
-      layer = _per_head(layer, child, type(parent).__name__, per_head)
-    if layer is not None:
-      layers[path] = layer
-  return layers, {p: type(m).__name__ for p, m in modules.items()}
+_CONST = _Info()
+_LAYOUT = {
+  "convert_element_type",
+  "copy",
+  "copy_p",
+  "reduce_precision",
+  "rev",
+  "optimization_barrier",
+}
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
-def _patched(classes_methods, record):
-  """Wraps each ``(class, method)`` defined on that class to call ``record``."""
-  originals = []
-  for cls, method in classes_methods:
-    if method not in cls.__dict__:
-      continue
-    orig = cls.__dict__[method]
-
-    def wrapper(self, *args, __orig=orig, __method=method, **kwargs):
-      out = __orig(self, *args, **kwargs)
-      record(self, __method, out)
-      return out
-
-    originals.append((cls, method, orig))
-    setattr(cls, method, wrapper)
-  return originals
+class _Use(NamedTuple):
+  kind: str  # "dot", "conv", "gather", "elementwise", "opaque", "range", "head"
+  roles: tuple = ()  # ((atom, role), ...) for dot / conv; (atom,) for range / head
+  what: str = ""  # the primitive, or a note
+  where: str = ""
 
 
-def _nnx_calls(model, inputs, kwargs) -> tuple[list[tuple[str, str, Any]], Any]:
-  """``(module path, method, output shapes)`` of each projection call, in order,
-  and the model's output shapes, from one abstract call (``nnx.eval_shape``)."""
-  ids: dict[int, str] = {}
-  calls: list[tuple[int, str, Any]] = []
-  record = lambda m, method, out: calls.append(
-    (id(m), method, jax.tree.map(jnp.shape, out))
+def _where(eqn) -> str:
+  try:
+    from jax._src import source_info_util
+
+    frame = source_info_util.user_frame(eqn.source_info.traceback)
+  except Exception:
+    return ""
+  if frame is None:
+    return ""
+  return (
+    f"{frame.file_name.rsplit('/', 1)[-1]}:{frame.start_line} ({frame.function_name})"
   )
 
-  def run(m, *args):
-    for path, node in nnx.iter_graph(m):
-      if isinstance(node, nnx.Module):
-        ids[id(node)] = "/".join(map(str, path))
-    return m(*args, **kwargs)
 
-  targets = [(c, "__call__") for c in (*_NNX_PROJECTIONS, nnx.ConvTranspose)]
-  originals = _patched([*targets, (nnx.Embed, "attend")], record)
-  try:
-    out = nnx.eval_shape(run, model, *inputs)
-  finally:
-    for cls, method, orig in originals:
-      setattr(cls, method, orig)
-  known = [(ids[i], method, shapes) for i, method, shapes in calls if i in ids]
-  return known, jax.tree.map(jnp.shape, out)
+class _Reader:
+  """Abstract interpretation of a jaxpr: each value's :class:`_Info`, and the
+  uses of each parameter leaf."""
 
+  def __init__(self, n_leaves: int):
+    self.uses: list[set[_Use]] = [set() for _ in range(n_leaves)]
+    self.feeds: set[int] = set()  # projections whose output another consumes
 
-# Flax Linen -------------------------------------------------------------------
+  # Helpers -----------------------------------------------------------------
 
-_LINEN_NORMS = tuple(
-  getattr(nn, n)
-  for n in ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
-  if hasattr(nn, n)
-)
-_LINEN_ATTENTION = (nn.MultiHeadDotProductAttention,)
+  def _axes(self, info: _Info, var) -> list[tuple[_Atom, ...]]:
+    shape = tuple(getattr(var.aval, "shape", ()))
+    if info.axes is None or len(info.axes) != len(shape):
+      return [_blank(n) for n in shape]
+    return list(info.axes)
 
+  def _note(self, info: _Info, kind: str, what: str, where: str) -> None:
+    if info.leaf is not None:
+      self.uses[info.leaf].add(_Use(kind, (), what, where))
 
-class _LinenCall(NamedTuple):
-  module: nn.Module
-  method: str
-  args: tuple
-  kwargs: dict
-  shapes: dict[str, tuple[int, ...]]  # the module's own parameters, one layer's
-  out: Any
+  def _consume(self, info: _Info, var, where: str) -> None:
+    """A computed value enters a product: where it holds a slice of a leaf's
+    output (a block of a fused projection), that slice is a block."""
+    if info.leaf is not None:
+      return
+    for ax in self._axes(info, var):
+      for a in ax:
+        if a.src >= 0 and a.extent < a.size:
+          self.uses[a.src].add(_Use("range", (a,), "slice", where))
 
+  # The walk ----------------------------------------------------------------
 
-def _linen_layer(call: _LinenCall) -> _Layer | None:
-  m, kind = call.module, type(call.module).__name__
-  kernel = call.shapes.get("kernel")
-  if isinstance(m, nn.Dense):
-    return _kernel_layer(kind, DN(0, 1), kernel)
-  if isinstance(m, nn.DenseGeneral) and kernel is not None:
-    n_batch = len(_tuple(m.batch_dims))
-    n_out = len(_tuple(m.features))
-    return _kernel_layer(
-      kind, _general(n_batch, len(kernel) - n_batch - n_out, n_out), kernel
+  def run(self, jaxpr, infos: Sequence[_Info], consts=None) -> list[_Info]:
+    if isinstance(jaxpr, ClosedJaxpr):
+      jaxpr = jaxpr.jaxpr
+    env: dict = {}
+    read = lambda v: _CONST if isinstance(v, Literal) else env.get(v, _CONST)
+    for v, info in zip(jaxpr.invars, infos, strict=True):
+      env[v] = info
+    for eqn in jaxpr.eqns:
+      outs = self.eqn(eqn, [read(v) for v in eqn.invars])
+      for v, o in zip(eqn.outvars, outs, strict=True):
+        env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn, ins: list[_Info]) -> list[_Info]:
+    name = eqn.primitive.name
+    method = getattr(self, f"_p_{name}", None)
+    if method is not None:
+      return method(eqn, ins)
+    if name in _LAYOUT:
+      return [
+        self._moved(ins[i], self._axes(ins[i], v))
+        for i, v in enumerate(eqn.invars[: len(eqn.outvars)])
+      ]
+    for key in _CALL_PARAMS:
+      sub = eqn.params.get(key)
+      if isinstance(sub, ClosedJaxpr | Jaxpr):
+        return self._call(eqn, sub, ins)
+    return self._generic(eqn, ins)
+
+  def _moved(self, info: _Info, axes, fixed=()) -> _Info:
+    return info._replace(axes=tuple(axes), fixed=info.fixed + tuple(fixed))
+
+  def _call(self, eqn, sub, ins):
+    inner = sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub
+    if len(inner.invars) != len(ins):
+      return self._generic(eqn, ins)
+    same = all(
+      getattr(a.aval, "shape", None) == getattr(b.aval, "shape", None)
+      for a, b in zip(inner.invars, eqn.invars, strict=True)
     )
-  if isinstance(m, nn.Einsum) and kernel is not None:
-    einsum_str = m.einsum_str or call.kwargs.get("einsum_str") or call.args[1]
-    return _kernel_layer(kind, einsum_dimension_numbers(einsum_str), kernel)
-  if isinstance(m, (nn.Conv, nn.ConvTranspose)) and kernel is not None:
-    n = len(kernel)
-    return _kernel_layer(kind, _dn(tuple(range(n - 1)), n - 1), kernel)
-  if isinstance(m, nn.Embed):
-    return _adam_layer(kind, ["embedding"])
-  if isinstance(m, _LINEN_NORMS):
-    return _adam_layer(kind, list(call.shapes))
-  return None
+    ins = ins if same else [i._replace(axes=None) for i in ins]
+    outs = self.run(inner, ins)
+    if len(outs) != len(eqn.outvars):
+      return self._generic(eqn, ins)
+    return outs
 
-
-def _linen_trace(module, inputs, kwargs, rngs):
-  """The first call of each module (by path), the order of the last calls,
-  the model's output shapes and its variables' shapes (one abstract init)."""
-  first: dict[str, _LinenCall] = {}
-  order: list[tuple[str, str, Any]] = []
-
-  def interceptor(next_fun, args, kw, context):
-    out = next_fun(*args, **kw)
-    if context.method_name not in ("__call__", "attend"):
-      return out
-    m = context.module
-    path = "/".join(map(str, m.path))
-    own = {
-      k: tuple(jnp.shape(nn.meta.unbox(v)))  # nn.with_partitioning boxes
-      for k, v in m.variables.get("params", {}).items()
-      if not isinstance(v, Mapping)
-    }
-    shapes = jax.tree.map(jnp.shape, out)
-    first.setdefault(path, _LinenCall(m, context.method_name, args, kw, own, shapes))
-    order.append((path, context.method_name, shapes))
-    return out
-
-  rngs = jax.random.key(0) if rngs is None else rngs
-  with nn.intercept_methods(interceptor):
-    out, variables = jax.eval_shape(
-      lambda: module.init_with_output(rngs, *inputs, **kwargs)
+  def _generic(self, eqn, ins: list[_Info]) -> list[_Info]:
+    """Elementwise operations, reductions and everything not listed: the
+    result depends on all inputs; a leaf in it is used elementwise."""
+    name, where = eqn.primitive.name, _where(eqn)
+    act = any(i.act for i in ins)
+    param = any(i.param for i in ins)
+    flags = frozenset().union(*(i.flags for i in ins))
+    shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+    out_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars]
+    shape_kept = len(out_shapes) == 1 and all(
+      s == ()
+      or (
+        len(s) == len(out_shapes[0])
+        and all(a in (1, b) for a, b in zip(s, out_shapes[0], strict=True))
+      )
+      for s in shapes
     )
-  return first, order, out, variables
+    if name in ("add", "sub", "add_any") and len(ins) == 2:
+      a, b = ins
+      if a.param and b.param and a.act and b.act and a.flags != b.flags:
+        flags = frozenset()  # a residual stream: the sum of two computed values
+    full = [
+      i
+      for i, s in zip(ins, shapes, strict=True)
+      if i.leaf is not None and s == out_shapes[0]
+    ]
+    if not act and full and shape_kept:
+      # a leaf changed elementwise (a scale, a weight norm): still that leaf,
+      # the one whose own axes the result has; any other is used elementwise
+      own = lambda i: sum(a.src == i.leaf for ax in (i.axes or ()) for a in ax)
+      src = max(full, key=own)
+      for i in ins:
+        if i.leaf is not None and i.leaf != src.leaf:
+          self._note(i, "elementwise", name, where)
+      return [src._replace(param=True)]
+    kind = (
+      "elementwise" if (shape_kept or name.startswith(("reduce_", "arg"))) else "opaque"
+    )
+    for i in ins:
+      self._note(i, kind, name, where)
+    axes = None
+    if shape_kept:
+      carriers = [
+        (i, v)
+        for i, v, s in zip(ins, eqn.invars, shapes, strict=True)
+        if s == out_shapes[0] and i.axes is not None and i.leaf is None
+      ]
+      if carriers and not (
+        name in ("add", "sub", "add_any") and not flags and len(carriers) > 1
+      ):
+        axes = tuple(self._axes(*carriers[0]))
+    elif len(out_shapes) == 1 and "axes" in eqn.params and ins[0].axes is not None:
+      drop = set(eqn.params["axes"])
+      kept = [
+        a for k, a in enumerate(self._axes(ins[0], eqn.invars[0])) if k not in drop
+      ]
+      axes = tuple(kept) if len(kept) == len(out_shapes[0]) else None
+    return [_Info(None, axes, (), act, param, flags) for _ in eqn.outvars]
 
+  # Layout ------------------------------------------------------------------
 
-def _linen_layers(first, per_head: bool) -> tuple[dict[str, _Layer], dict[str, str]]:
-  layers = {}
-  for path, call in first.items():
-    layer = _linen_layer(call)
-    parent_path, _, child = path.rpartition("/")
-    parent = first.get(parent_path) if path else None
-    if (
-      layer is not None
-      and parent is not None
-      and isinstance(parent.module, _LINEN_ATTENTION)
+  def _p_transpose(self, eqn, ins):
+    axes = self._axes(ins[0], eqn.invars[0])
+    return [self._moved(ins[0], [axes[p] for p in eqn.params["permutation"]])]
+
+  def _reshape_to(self, info, var, shape, where):
+    axes = self._axes(info, var)
+    flat = [a for ax in axes for a in ax]
+    fixed = [a for a in flat if a.extent == 1 and a.src >= 0]
+    groups = _regroup(flat, shape)
+    if groups is None:
+      self._note(info, "opaque", "reshape that cuts a digit unevenly", where)
+      return info._replace(leaf=None, axes=None)
+    return self._moved(info, groups, fixed)
+
+  def _p_reshape(self, eqn, ins):
+    shape = tuple(eqn.outvars[0].aval.shape)
+    return [self._reshape_to(ins[0], eqn.invars[0], shape, _where(eqn))]
+
+  def _p_squeeze(self, eqn, ins):
+    shape = tuple(eqn.outvars[0].aval.shape)
+    return [self._reshape_to(ins[0], eqn.invars[0], shape, _where(eqn))]
+
+  def _p_expand_dims(self, eqn, ins):
+    return self._p_squeeze(eqn, ins)
+
+  def _p_broadcast_in_dim(self, eqn, ins):
+    info, shape = ins[0], tuple(eqn.params["shape"])
+    axes = self._axes(info, eqn.invars[0])
+    out = [_blank(n) for n in shape]
+    fixed = []
+    for k, d in enumerate(eqn.params["broadcast_dimensions"]):
+      if eqn.invars[0].aval.shape[k] == shape[d]:
+        out[d] = axes[k]
+      else:
+        fixed += [a for a in axes[k] if a.src >= 0]
+    return [self._moved(info, out, fixed)]
+
+  def _sliced(self, info, var, bounds, where):
+    """``info`` with each axis restricted to ``bounds[k] = (start, stop)``."""
+    axes, new = self._axes(info, var), []
+    for ax, (start, stop), n in zip(axes, bounds, var.aval.shape, strict=True):
+      if (start, stop) == (0, n):
+        new.append(ax)
+        continue
+      inner = math.prod(a.extent for a in ax[1:])
+      if not ax or start % inner or stop % inner:
+        self._note(info, "opaque", "slice across digits", where)
+        return info._replace(leaf=None, axes=None)
+      a = ax[0]
+      a = a._replace(lo=a.lo + start // inner, hi=a.lo + stop // inner)
+      new.append((a, *ax[1:]))
+    return self._moved(info, new)
+
+  def _p_slice(self, eqn, ins):
+    if eqn.params.get("strides") not in (None, (1,) * len(eqn.params["start_indices"])):
+      return self._generic(eqn, ins)
+    bounds = list(
+      zip(eqn.params["start_indices"], eqn.params["limit_indices"], strict=True)
+    )
+    return [self._sliced(ins[0], eqn.invars[0], bounds, _where(eqn))]
+
+  def _p_split(self, eqn, ins):
+    axis, outs, start = eqn.params["axis"], [], 0
+    shape = eqn.invars[0].aval.shape
+    for size in eqn.params["sizes"]:
+      bounds = [(0, n) for n in shape]
+      bounds[axis] = (start, start + size)
+      outs.append(self._sliced(ins[0], eqn.invars[0], bounds, _where(eqn)))
+      start += size
+    return outs
+
+  def _p_dynamic_slice(self, eqn, ins):
+    """An index chosen at run time (a loop over stacked layers): the digits of
+    an axis sliced to one element are batch digits."""
+    info, var = ins[0], eqn.invars[0]
+    axes, new, fixed = self._axes(info, var), [], []
+    for ax, size, n in zip(
+      axes, eqn.params["slice_sizes"], var.aval.shape, strict=True
     ):
-      layer = _per_head(layer, child, type(parent.module).__name__, per_head)
-    if layer is not None:
-      layers[path] = layer
-  return layers, {p: type(c.module).__name__ for p, c in first.items()}
+      if size == n:
+        new.append(ax)
+      elif size == 1:
+        fixed += [a for a in ax if a.src >= 0]
+        new.append(())
+      else:
+        self._note(info, "opaque", "dynamic_slice", _where(eqn))
+        return [info._replace(leaf=None, axes=None)]
+    out = self._moved(info, new, fixed)
+    return [out._replace(act=out.act or any(i.act for i in ins[1:]))]
+
+  def _p_concatenate(self, eqn, ins):
+    for i in ins:
+      self._note(i, "opaque", "concatenate", _where(eqn))
+    out = self._generic_blank(eqn, ins)[0]
+    axes = [self._axes(i, v) for i, v in zip(ins, eqn.invars, strict=True)]
+    dim = eqn.params["dimension"]
+    keep = [
+      axes[0][k] if k != dim and all(a[k] == axes[0][k] for a in axes) else None
+      for k in range(len(axes[0]))
+    ]
+    shape = eqn.outvars[0].aval.shape
+    return [
+      out._replace(
+        axes=tuple(a if a is not None else _blank(shape[k]) for k, a in enumerate(keep))
+      )
+    ]
+
+  def _generic_blank(self, eqn, ins):
+    return [
+      _Info(
+        None,
+        None,
+        (),
+        any(i.act for i in ins),
+        any(i.param for i in ins),
+        frozenset().union(*(i.flags for i in ins)),
+      )
+    ]
+
+  def _p_gather(self, eqn, ins):
+    table, where = ins[0], _where(eqn)
+    if table.leaf is not None:
+      self.uses[table.leaf].add(_Use("gather", (), "gather", where))
+      return [_Info(None, None, (), True, True, frozenset())]
+    return self._generic_blank(eqn, ins)
+
+  # Products ------------------------------------------------------------------
+
+  def _record(
+    self,
+    w: _Info,
+    var,
+    contract,
+    batch,
+    what,
+    where,
+    other=None,
+    ovar=None,
+    ocontract=(),
+  ):
+    axes = self._axes(w, var)
+    roles = []
+    for k, ax in enumerate(axes):
+      role = "in" if k in contract else "batch" if k in batch else "out"
+      roles += [(a, "batch" if a.extent == 1 else role) for a in ax if a.src >= 0]
+    roles += [(a, "batch") for a in w.fixed]
+    self.uses[w.leaf].add(_Use(what, tuple(roles), what, where))
+    if other is not None:  # attention heads met in the contraction
+      oaxes = self._axes(other, ovar)
+      for k, ok in zip(contract, ocontract, strict=True):
+        self._heads_met(list(axes[k]), list(oaxes[ok]), where)
+
+  def _heads_met(self, mine: list[_Atom], theirs: list[_Atom], where: str) -> None:
+    """Marks the digits of ``mine`` aligned with head digits of ``theirs``."""
+    if not any(a.src == HEAD for a in theirs):
+      return
+    groups = _regroup(list(mine), [a.extent for a in theirs if a.extent != 1])
+    if groups is None:
+      return
+    for group, a in zip(groups, [a for a in theirs if a.extent != 1], strict=True):
+      if a.src == HEAD:
+        for g in group:
+          if g.src >= 0:
+            self.uses[g.src].add(_Use("head", (g,), "head", where))
+
+  def _p_dot_general(self, eqn, ins):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = ins
+    lv, rv = eqn.invars
+    where = _where(eqn)
+    weights = [i for i in (lhs, rhs) if i.leaf is not None and not i.act]
+    if lhs.leaf is not None and not lhs.act:
+      self._record(
+        lhs, lv, lc, lb, "dot", where, rhs if rhs.leaf is None else None, rv, rc
+      )
+    if rhs.leaf is not None and not rhs.act:
+      self._record(
+        rhs, rv, rc, rb, "dot", where, lhs if lhs.leaf is None else None, lv, lc
+      )
+    self._consume(lhs, lv, where)
+    self._consume(rhs, rv, where)
+    la, ra = self._axes(lhs, lv), self._axes(rhs, rv)
+    attention = not weights and lhs.act and rhs.act and lhs.param and rhs.param
+    out_batch = []
+    for i, j in zip(lb, rb, strict=True):
+      atoms = la[i] if any(a.src != BLANK for a in la[i]) else ra[j]
+      if attention and any(a.src >= 0 for a in la[i] + ra[j]):
+        for a in la[i] + ra[j]:
+          if a.src >= 0:
+            self.uses[a.src].add(_Use("head", (a,), "head", where))
+        atoms = (_Atom(HEAD, 0, 1, lv.aval.shape[i], 0, lv.aval.shape[i]),)
+      out_batch.append(atoms)
+    free = lambda axes, c, b: [
+      ax for k, ax in enumerate(axes) if k not in c and k not in b
+    ]
+    axes = (*out_batch, *free(la, lc, lb), *free(ra, rc, rb))
+    for i in (lhs, rhs):
+      if i.leaf is None or i.act:
+        self.feeds |= i.flags
+    flags = frozenset(w.leaf for w in weights)
+    act = lhs.act or rhs.act
+    return [_Info(None, axes, (), act, True, flags if act else frozenset())]
+
+  def _p_conv_general_dilated(self, eqn, ins):
+    lhs, rhs = ins
+    where = _where(eqn)
+    dn = eqn.params["dimension_numbers"]
+    out_dim, in_dim, *spatial = dn.rhs_spec
+    groups = eqn.params.get("feature_group_count", 1)
+    groups *= eqn.params.get("batch_group_count", 1)
+    if rhs.leaf is not None and not rhs.act:
+      shape = eqn.invars[1].aval.shape
+      if groups > 1 and shape[in_dim] == 1:
+        self.uses[rhs.leaf].add(_Use("depthwise", (), "conv_general_dilated", where))
+      else:
+        self._record(rhs, eqn.invars[1], (in_dim, *spatial), (), "conv", where)
+        if groups > 1:
+          for a in self._axes(rhs, eqn.invars[1])[out_dim][:1]:
+            step = a.extent // groups if a.extent % groups == 0 else 0
+            for g in range(groups if step else 0):
+              piece = a._replace(lo=a.lo + g * step, hi=a.lo + (g + 1) * step)
+              self.uses[rhs.leaf].add(_Use("range", (piece,), "feature groups", where))
+    self.feeds |= lhs.flags
+    self._consume(lhs, eqn.invars[0], where)
+    flags = frozenset([rhs.leaf]) if rhs.leaf is not None and lhs.act else frozenset()
+    return [_Info(None, None, (), lhs.act, True, flags)]
+
+  # Control flow -------------------------------------------------------------
+
+  def _loop(self, body, consts, carry, xs=(), consts_body=None):
+    """Runs ``body`` until the carry's info stops changing."""
+    outs = []
+    for _ in range(4):
+      outs = self.run(body, [*consts, *carry, *xs])
+      new = [_merge(c, o) for c, o in zip(carry, outs, strict=False)]
+      if new == list(carry):
+        break
+      carry = new
+    return carry, outs[len(carry) :]
+
+  def _p_scan(self, eqn, ins):
+    nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, xs = ins[:nc], ins[nc : nc + ncar], ins[nc + ncar :]
+    sliced = []
+    for info, var in zip(xs, eqn.invars[nc + ncar :], strict=True):
+      axes = self._axes(info, var)
+      fixed = [a for a in axes[0] if a.src >= 0] if axes else []
+      sliced.append(
+        info._replace(axes=tuple(axes[1:]), fixed=info.fixed + tuple(fixed))
+      )
+    carry, ys = self._loop(eqn.params["jaxpr"], consts, carry, sliced)
+    stacked = [
+      y._replace(
+        leaf=None,
+        axes=None if y.axes is None else (_blank(eqn.params["length"]), *y.axes),
+      )
+      for y in ys
+    ]
+    return [*carry, *stacked]
+
+  def _p_while(self, eqn, ins):
+    cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    consts, carry = ins[cn : cn + bn], ins[cn + bn :]
+    carry, _ = self._loop(eqn.params["body_jaxpr"], consts, carry)
+    return carry
+
+  def _p_cond(self, eqn, ins):
+    outs = None
+    for branch in eqn.params["branches"]:
+      got = self.run(branch, ins[1:])
+      outs = (
+        got if outs is None else [_merge(a, b) for a, b in zip(outs, got, strict=True)]
+      )
+    return outs
 
 
-# The routing -------------------------------------------------------------------
+def _merge(a: _Info, b: _Info) -> _Info:
+  return _Info(
+    a.leaf if a.leaf == b.leaf else None,
+    a.axes if a.axes == b.axes else None,
+    a.fixed if a.fixed == b.fixed else (),
+    a.act or b.act,
+    a.param or b.param,
+    a.flags | b.flags,
+  )
 
 
-def _stacked(dn, own: tuple[int, ...], shape: tuple[int, ...]):
-  """``dn`` for one layer of shape ``own``, moved to the stored ``shape`` whose
-  extra axes (added by ``vmap`` / ``scan``) are batch axes; ``None`` if
-  ``own`` is not ``shape`` with some axes removed."""
-  extra = len(shape) - len(own)
-  if extra < 0:
-    return None, 0
-  for added in itertools.combinations(range(len(shape)), extra):
-    kept = [i for i in range(len(shape)) if i not in added]
-    if tuple(shape[i] for i in kept) == tuple(own):
-      move = lambda axes, k=kept: tuple(k[a % len(own)] for a in _tuple(axes))
-      return _dn(move(dn.reduction_axis), move(dn.output_axis)), extra
-  return None, 0
+# From uses to dimension numbers ------------------------------------------------
 
 
-def _head_paths(layers, calls, out_shapes, head) -> dict[str, str]:
-  """``{module path: why}`` of the layers that are the output head."""
-  if head is None:
-    return {}
-  patterns = routing.HEAD_PATTERNS if head == "auto" else head
-  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  found = {
-    path: f"output head (name {path.rsplit('/', 1)[-1]!r})"
-    for path, layer in layers.items()
-    if layer.projection and any(re.search(p, f"{path}/kernel") for p in patterns)
-  }
-  if head != "auto" or calls is None:
-    return found
-  outputs = {tuple(s) for s in jax.tree.leaves(out_shapes, is_leaf=_is_shape)}
-  for path, method, shapes in reversed(calls):
-    layer = layers.get(path)
-    produced = {tuple(s) for s in jax.tree.leaves(shapes, is_leaf=_is_shape)}
-    if layer is None or not produced & outputs:
+def _readings(roles) -> str:
+  return ", ".join(f"{r} axis {ax}" for r, ax in roles)
+
+
+class _Reading(NamedTuple):
+  dimension_numbers: Any
+  why: str
+  problem: str = ""  # a warning: the leaf could not be read unambiguously
+
+
+def _digits(shape, atoms: Sequence[_Atom]):
+  """The finest digits of each leaf axis that every atom's bounds respect:
+  ``{axis: [(stride, size), ...] outer to inner}``, or ``None``."""
+  out = {}
+  for ax, n in enumerate(shape):
+    marks = {1, n}
+    for a in atoms:
+      if a.axis == ax:
+        marks |= {a.stride, a.stride * a.size}
+        if a.extent != a.size:
+          marks.add(a.stride * math.gcd(a.lo, a.hi, a.size))
+    places = sorted(marks)
+    if any(q % p for p, q in itertools.pairwise(places)):
+      return None
+    out[ax] = [(p, q // p) for p, q in reversed(list(itertools.pairwise(places)))]
+  return out
+
+
+def _covered(a: _Atom, digits) -> list[tuple[int, int]]:
+  return [
+    (a.axis, k)
+    for k, (s, n) in enumerate(digits[a.axis])
+    if a.stride <= s < a.stride * a.size
+  ]
+
+
+def _read_leaf(shape, uses: set[_Use], per_head: bool) -> _Reading:
+  """The dimension numbers of one leaf from its uses."""
+  kinds = {u.kind for u in uses}
+  mats = [u for u in uses if u.kind in ("dot", "conv")]
+  ops = sorted({u.what for u in uses if u.kind in ("elementwise", "opaque")})
+  if "gather" in kinds:
+    tied = ", also a dot_general (a tied output head)" if mats else ""
+    return _Reading(None, f"gather (an embedding lookup){tied}")
+  if "depthwise" in kinds:
+    return _Reading(
+      None, "conv_general_dilated, depthwise (one input channel per group)"
+    )
+  if not mats:
+    if "opaque" in kinds:
+      return _Reading(
+        None, f"used only through {', '.join(ops)}", "its uses do not show its matrices"
+      )
+    if not uses:
+      return _Reading(
+        None, "not used by the traced call", "it is not used by the traced call"
+      )
+    return _Reading(None, f"elementwise only ({', '.join(ops)})")
+  atoms = [a for u in mats for a, _ in u.roles] + [
+    u.roles[0] for u in uses if u.kind in ("range", "head")
+  ]
+  digits = _digits(shape, atoms)
+  if digits is None:
+    return _Reading(
+      None,
+      "its uses cut its axes inconsistently",
+      "its uses cut its axes inconsistently",
+    )
+  roles: dict = {}
+  bounds: dict = {}
+  heads: set = set()
+  readings, aligned = [], True
+  for u in sorted(mats):
+    reading = {"in": set(), "out": set(), "batch": set()}
+    for a, role in u.roles:
+      for d in _covered(a, digits):
+        roles.setdefault(d, set()).add(role)
+        reading[role].add(d[0])
+      aligned &= _bound(a, digits, bounds)
+    readings.append(
+      tuple((r, tuple(sorted(reading[r]))) for r in ("in", "out") if reading[r])
+    )
+  for u in uses:
+    if u.kind == "range":
+      aligned &= _bound(u.roles[0], digits, bounds)
+    elif u.kind == "head":
+      heads |= set(_covered(u.roles[0], digits))
+  if not aligned:
+    return _Reading(
+      None, "its blocks are cut unevenly", "its uses cut its axes inconsistently"
+    )
+  readings = sorted(set(readings))
+  if any(
+    len(r - {"batch"}) > 1 or (len(r) > 1 and "batch" in r) for r in roles.values()
+  ):
+    a, b = readings[0], readings[-1]
+    return _Reading(
+      None,
+      "used in incompatible ways",
+      f"it is used as ({_readings(a)}) and as ({_readings(b)})",
+    )
+  view, kinds_, split = [], [], None
+  for ax in range(len(shape)):
+    for k, (_, n) in enumerate(digits[ax]):
+      role = next(iter(roles.get((ax, k), {"batch"})))
+      if per_head and (ax, k) in heads and role in ("in", "out"):
+        role = "batch"
+      cuts = sorted(bounds.get((ax, k), set()) | {0, n})
+      pieces = [q - p for p, q in itertools.pairwise(cuts)]
+      if len(pieces) > 1 and max(pieces) == 1:
+        role = "batch"  # every index its own matrix
+      if len(pieces) > 1 and role != "batch":
+        if len(set(pieces)) == 1:
+          view += [len(pieces), pieces[0]]
+          kinds_ += [("batch", ax, True), (role, ax, False)]
+          continue
+        if split is not None:
+          return _Reading(
+            None, "blocks along two axes", "its blocks are cut along two axes"
+          )
+        split = (len(view), tuple(pieces))
+      view.append(n)
+      kinds_.append((role, ax, len(pieces) > 1 and role == "batch"))
+  view, kinds_, split = _merged(view, kinds_, split)
+  view = [int(n) for n in view]
+  split = None if split is None else (split[0], tuple(int(p) for p in split[1]))
+  red = tuple(k for k, (r, _, _) in enumerate(kinds_) if r == "in")
+  out = tuple(k for k, (r, _, _) in enumerate(kinds_) if r == "out")
+  op = "conv_general_dilated" if any(u.kind == "conv" for u in mats) else "dot_general"
+  if not red or not out:
+    return _Reading(None, f"{op} with no {'fan-in' if not red else 'fan-out'} axis")
+  why = _why(op, shape, view, kinds_, split, per_head and bool(heads))
+  one = lambda axes: axes[0] if len(axes) == 1 else axes
+  if tuple(view) == tuple(shape) and split is None:
+    return _Reading(MuonDimensionNumbers(one(red), one(out)), why)
+  if tuple(view) == tuple(shape):
+    return _Reading(
+      SplitDimensionNumbers(one(red), one(out), split[1], None, split[0]), why
+    )
+  sizes, axis = (split[1], split[0]) if split else (None, None)
+  return _Reading(
+    SplitDimensionNumbers(one(red), one(out), sizes, None, axis, tuple(view)), why
+  )
+
+
+def _bound(a: _Atom, digits, bounds) -> bool:
+  """Records the cut points of ``a``'s range on its outermost digit; ``False``
+  when the range does not fall on that digit's boundaries."""
+  if a.extent == a.size:
+    return True
+  ax, k = _covered(a, digits)[0]
+  unit = digits[ax][k][0] // a.stride
+  if a.lo % unit or a.hi % unit:
+    return False
+  bounds.setdefault((ax, k), set()).update((a.lo // unit, a.hi // unit))
+  return True
+
+
+def _merged(view, kinds_, split):
+  """Adjacent digits of one leaf axis with one role, not cut, become one axis."""
+  out_v, out_k, new_split = [], [], None
+  for k, (n, kind) in enumerate(zip(view, kinds_, strict=True)):
+    cut = split is not None and split[0] == k
+    if (
+      out_k
+      and not cut
+      and not (split is not None and split[0] == k - 1)
+      and out_k[-1][:2] == kind[:2]
+      and not out_k[-1][2]
+      and not kind[2]
+    ):
+      out_v[-1] *= n
       continue
-    if method == "attend":
-      return found  # a tied head: the embedding is already Adam's
-    if layer.projection:
-      found.setdefault(path, "output head (last projection to the output)")
-      return found
-  return found
+    if cut:
+      new_split = (len(out_v), split[1])
+    out_v.append(n)
+    out_k.append(kind)
+  return out_v, out_k, new_split
 
 
-def _is_shape(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+def _why(op, shape, view, kinds_, split, per_head) -> str:
+  axes = lambda role: sorted({ax for r, ax, _ in kinds_ if r == role})
+  fmt = lambda xs: " ".join(map(str, xs))
+  ins, outs = axes("in"), axes("out")
+  why = f"{op}: fan-in axis {fmt(ins)}, fan-out axis {fmt(outs)}"
+  if min(ins) > max(outs):
+    why += " (stored out, in)"
+  batch = [ax for ax in axes("batch") if ax not in ins + outs]
+  if batch:
+    why += f", batch axis {fmt(batch)}"
+  if split is not None:
+    why += f", blocks {'+'.join(map(str, split[1]))}"
+  cut = [
+    n for n, (r, ax, c) in zip(view, kinds_, strict=True) if c and ax in ins + outs
+  ]
+  if cut:
+    why += f", {math.prod(cut)} blocks"
+  return why + (", per head" if per_head else "")
+
+
+# Models ---------------------------------------------------------------------------
+
+
+def _as_function(model, params, call_kwargs, rngs, inputs):
+  """``(fn, params)`` with ``fn(params, *inputs)`` the model's forward pass."""
+  flax = sys.modules.get("flax")
+  nnx = sys.modules.get("flax.nnx")
+  linen = sys.modules.get("flax.linen")
+  if nnx is not None and isinstance(model, nnx.Module):
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    fn = lambda p, *x: nnx.merge(graphdef, p, rest)(*x, **call_kwargs)
+    return fn, state if params is None else params
+  if linen is not None and isinstance(model, linen.Module):
+    if params is None:
+      rngs = jax.random.key(0) if rngs is None else rngs
+      params = jax.eval_shape(lambda: model.init(rngs, *inputs, **call_kwargs))
+    variables = dict(params) if isinstance(params, Mapping) else params
+    if not (isinstance(variables, Mapping) and "params" in variables):
+      variables = {"params": params}
+    others = {k: v for k, v in variables.items() if k != "params"}
+
+    def fn(p, *x):
+      return model.apply({**others, "params": p}, *x, **call_kwargs)
+
+    return fn, variables["params"]
+  module = getattr(model, "module", None)
+  if flax is not None and linen is not None and isinstance(module, linen.Module):
+    # a Hugging Face Flax model: the wrapper's __call__ takes params=
+    fn = lambda p, *x: model(*x, params=p, **call_kwargs)
+    return fn, model.params if params is None else params
+  eqx = sys.modules.get("equinox")
+  if eqx is not None and isinstance(model, eqx.Module):
+    arrays, static = eqx.partition(model, eqx.is_inexact_array)
+    fn = lambda p, *x: eqx.combine(p, static)(*x, **call_kwargs)
+    return fn, arrays if params is None else params
+  if callable(model) and params is not None:
+    return (lambda p, *x: model(p, *x, **call_kwargs)), params
+  raise TypeError(
+    "route_by_model takes a Flax NNX or Linen module, a Hugging Face Flax model, "
+    "an Equinox module, or a function fn(params, *inputs) with params=; got "
+    f"{type(model).__name__}. For a parameter tree alone use route_by_path."
+  )
+
+
+def _override_text(name: str, dn) -> str:
+  return f"overrides={{{('^' + re.escape(name) + '$')!r}: {dn!r}}}"
+
+
+def read_model(fn, params, inputs, per_head: bool):
+  """``({leaf name: _Reading}, head notes, ambiguous heads)`` for ``fn``."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [routing.leaf_name(p) for p, _ in flat]
+  shapes = [tuple(jnp.shape(x)) for _, x in flat]
+  closed = jax.make_jaxpr(fn)(params, *inputs)
+  n = len(flat)
+  if len(closed.jaxpr.invars) < n:
+    raise ValueError("route_by_model: the traced call does not take every parameter.")
+  reader = _Reader(n)
+  leaf_infos = [
+    _Info(
+      i,
+      tuple(() if d == 1 else (_Atom(i, a, 1, d, 0, d),) for a, d in enumerate(s)),
+      (),
+      False,
+      True,
+    )
+    for i, s in enumerate(shapes)
+  ]
+  n_in = len(closed.jaxpr.invars) - n
+  outs = reader.run(closed.jaxpr, [*leaf_infos, *([_Info(act=True)] * n_in)])
+  heads = frozenset().union(*(o.flags for o in outs))
+  readings = {}
+  for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+    r = _read_leaf(shape, reader.uses[i], per_head)
+    if i in heads and r.dimension_numbers is not None:
+      if i in reader.feeds:
+        r = r._replace(
+          why=r.why + "; also reaches the output directly",
+          problem="its output reaches the model's output directly and also "
+          "feeds another projection or attention, so it is both a hidden layer "
+          f"and an output head (kept orthogonal; {_override_text(name, None)} "
+          "sends it to Adam as a head)",
+        )
+      else:
+        r = _Reading(
+          None, f"output head ({r.why}; its output reaches the model's output)"
+        )
+    readings[name] = r
+  found_heads = any(u.kind == "head" for uses in reader.uses for u in uses)
+  return readings, found_heads
 
 
 class ModelRouting(routing.Routing):
@@ -376,6 +891,11 @@ class ModelRouting(routing.Routing):
   """
 
   label = "route_by_model"
+  advice = (
+    "Give route_by_model(...) overrides={pattern: dimension numbers or None} "
+    "for these leaves; optax_orth.routing_table(params, spec) shows every leaf "
+    "and why."
+  )
 
   def __init__(self, decisions: dict[str, Decision], overrides, strict: bool):
     self.decisions = decisions
@@ -400,116 +920,105 @@ class ModelRouting(routing.Routing):
     return fallback._replace(why=f"not in the model; {fallback.why}", guessed=True)
 
 
-def _decisions(leaves, layers, kinds, heads) -> dict[str, Decision]:
-  """One :class:`Decision` per ``(name, shape)`` parameter leaf."""
-  fallback = routing.route_by_path()
-  out = {}
-  for name, shape in leaves:
-    owner, _, param = name.rpartition("/")
-    layer = layers.get(owner)
-    known = layer.params.get(param) if layer is not None else None
-    if known is None:
-      d = fallback.decide(name, jax.ShapeDtypeStruct(shape, jnp.float32))
-      kind = kinds.get(owner, "no module")
-      out[name] = d._replace(why=f"{kind} (not a known layer): {d.why}")
-      continue
-    dn, why = known.dimension_numbers, known.why
-    if owner in heads:
-      dn, why = None, f"{why}, {heads[owner]}"
-    elif dn is not None and known.shape is not None:
-      dn, extra = _stacked(dn, known.shape, shape)
-      if dn is None:
-        d = fallback.decide(name, jax.ShapeDtypeStruct(shape, jnp.float32))
-        why = f"{why}: shape {shape} is not the layer's {known.shape}; {d.why}"
-        out[name] = Decision(d.dimension_numbers, why, guessed=True)
-        continue
-      if extra:
-        why += f", {extra} stacked {'axis' if extra == 1 else 'axes'}"
-    out[name] = Decision(dn, why)
-  return out
-
-
-def _param_leaves(tree) -> list[tuple[str, tuple[int, ...]]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(routing.leaf_name(p), tuple(jnp.shape(x))) for p, x in flat]
-
-
 def route_by_model(
-  model: nnx.Module | nn.Module,
-  *sample_inputs: Any,
+  model: Any,
+  *example_inputs: Any,
+  params: Any = None,
   per_head: bool = False,
-  head: str | Sequence[str] | None = "auto",
-  overrides: Mapping[str, MuonDimensionNumbers | None]
-  | Sequence[tuple[str, MuonDimensionNumbers | None]] = (),
+  overrides: Mapping[str, MuonDimensionNumbers | SplitDimensionNumbers | None]
+  | Sequence[tuple[str, Any]] = (),
   strict: bool = False,
   rngs: Any = None,
   **call_kwargs: Any,
 ) -> ModelRouting:
-  r"""A dimension-numbers spec read from the model's own layers.
+  r"""A dimension-numbers spec read from what the model computes.
 
-  Pass it as ``weight_dimension_numbers=`` (``namo``, ``namo_d``,
-  ``normuon``) or ``muon_weight_dimension_numbers=`` (``muon``). It fits the
-  model's parameters however they are held: ``nnx.state(model, nnx.Param)``
-  (what ``nnx.Optimizer`` initializes with), its pure dict, a Linen
-  ``params`` dict (or the variables dict around it).
+  Traces one call of the model, ``model(*example_inputs, **call_kwargs)``, to
+  a jaxpr (abstract inputs such as ``jax.ShapeDtypeStruct`` suffice; nothing
+  is computed and no parameter-sized buffer is allocated) and reads every
+  parameter's matrices from the operations that use it: the axes a
+  ``dot_general`` contracts are its fan-in, its free axes the fan-out, the
+  axes a ``scan`` slices or a dot batches are batch axes; a convolution
+  kernel's input features and window are its fan-in; a table read by a
+  ``gather`` (an embedding), a leaf used only elementwise (bias, norm scale)
+  and every output head go to the Adam fallback. See the module docstring
+  and ``docs/routing.md`` for every reading.
 
-  For Flax NNX, the layers are read from the module graph; ``sample_inputs``
-  are optional and only used, in one abstract call (``nnx.eval_shape``), to
-  find the output head as the last projection to the model's output. For
-  Linen, ``model`` is the (unbound) module and ``sample_inputs`` (required)
-  are passed to ``model.init`` under ``jax.eval_shape``, which is traced
-  with Flax's method interceptors to read each layer's type and its own
-  (unstacked) parameter shapes, ``nn.scan`` stacks included. Nothing is
-  computed on real data. See the module docstring for the layouts.
+  Pass the result as ``weight_dimension_numbers=`` (``namo``, ``namo_d``,
+  ``normuon``, ``adamuon``) or ``muon_weight_dimension_numbers=`` (``muon``).
+  It fits the parameters however they are held: ``nnx.state(model,
+  nnx.Param)`` and its pure dict, a Linen ``params`` dict or the variables
+  around it, a Hugging Face model's ``params``, an Equinox module's arrays.
+
+  Nothing is decided silently: a leaf used in two incompatible ways, one whose
+  uses do not show its matrices, one the traced call does not use, and a
+  projection that is both a hidden layer and an output head each get a
+  :class:`~optax_orth.RoutingWarning` here that names the leaf and the
+  ``overrides`` entry that settles it (``strict=True``: a ``ValueError``).
 
   Args:
-    model: an ``nnx.Module`` or a ``flax.linen.Module``.
-    *sample_inputs: inputs for one call of the model (abstract values are
-      fine); required for Linen.
-    per_head: orthogonalize each attention head's query/key/value and output
-      matrix on its own, instead of one ``(in, heads*head_dim)`` matrix.
-    head: ``"auto"``: the output head is a projection whose path matches
-      :data:`optax_orth.routing.HEAD_PATTERNS`, or, with sample inputs, the
-      last projection whose output is the model's (a tied ``Embed.attend``
-      keeps the embedding's Adam); a pattern or patterns of head module
-      paths; ``None``: no head.
-    overrides: ``{pattern: MuonDimensionNumbers or None}`` searched in each
-      leaf name before anything else (``None`` sends it to Adam); a pattern
-      that matches no leaf is reported.
-    strict: raise, instead of warning, for leaves routed by shape alone (a
-      parameter of an unknown module or not in the model) and for unmatched
-      overrides.
-    rngs: Linen only: the ``rngs`` for ``init`` (default ``jax.random.key(0)``).
-    **call_kwargs: keyword arguments for the model call (``train=False``...).
+    model: a Flax NNX module; a Linen module (``params=`` its variables, or
+      none to initialize it abstractly); a Hugging Face Flax model (the
+      wrapper, or its ``module`` with ``params=model.params``); an Equinox
+      module; or a function ``fn(params, *inputs)`` with ``params=``.
+    *example_inputs: the inputs of one call (arrays or
+      ``jax.ShapeDtypeStruct``).
+    params: the parameter tree the call reads (see ``model``); for NNX,
+      Hugging Face and Equinox models it is taken from the model.
+    per_head: one matrix per attention head: every axis of a projection that
+      the attention products batch over (the heads of ``q``, ``k``, ``v``,
+      and the heads the output projection contracts) becomes a batch axis.
+    overrides: ``{pattern: MuonDimensionNumbers, SplitDimensionNumbers or
+      None}``, searched (``re.search``) in each leaf name before anything
+      else; ``None`` sends the leaf to Adam. A pattern that matches no leaf
+      is reported.
+    strict: raise a ``ValueError`` instead of each warning.
+    rngs: Linen only, without ``params``: the key for the abstract ``init``
+      (default ``jax.random.key(0)``).
+    **call_kwargs: keyword arguments of the call (``deterministic=True``...).
 
   Returns:
     A :class:`ModelRouting`, a callable spec; ``routing_table(params, spec)``
     shows every leaf, its matrices and why.
 
   Raises:
-    TypeError: if ``model`` is not a Flax module.
-    ValueError: for a Linen module without sample inputs.
+    TypeError: for an object that is none of the above.
+    ValueError: without example inputs, or with ``strict=True`` for any of
+      the warnings above.
   """
-  if isinstance(model, nnx.Module):
-    layers, kinds = _nnx_layers(model, per_head)
-    calls, out = (None, None)
-    if sample_inputs and head == "auto":
-      calls, out = _nnx_calls(model, sample_inputs, call_kwargs)
-    leaves = _param_leaves(nnx.state(model, nnx.Param))
-  elif isinstance(model, nn.Module):
-    if not sample_inputs:
-      raise ValueError(
-        "route_by_model: a Linen module needs sample inputs, "
-        "route_by_model(module, x), to trace its init."
-      )
-    first, calls, out, variables = _linen_trace(model, sample_inputs, call_kwargs, rngs)
-    layers, kinds = _linen_layers(first, per_head)
-    out = jax.tree.map(lambda s: tuple(s.shape), out)
-    leaves = _param_leaves(variables.get("params", {}))
-  else:
-    raise TypeError(
-      "route_by_model takes a flax.nnx.Module or a flax.linen.Module; got "
-      f"{type(model).__name__}. For a plain parameter tree use route_by_path."
+  if not example_inputs:
+    raise ValueError(
+      "route_by_model reads the model from one traced call: pass example inputs, "
+      "route_by_model(model, x) (jax.ShapeDtypeStruct((batch, seq), jnp.int32) "
+      "is enough; nothing is computed)."
     )
-  heads = _head_paths(layers, calls, out, head)
-  return ModelRouting(_decisions(leaves, layers, kinds, heads), overrides, strict)
+  fn, tree = _as_function(model, params, call_kwargs, rngs, example_inputs)
+  readings, found_heads = read_model(fn, tree, example_inputs, per_head)
+  decisions = {}
+  for name, r in readings.items():
+    decisions[name] = Decision(r.dimension_numbers, r.why)
+    if r.problem and not any(re.search(p, name) for p in _patterns(overrides)):
+      message = (
+        f"route_by_model: leaf {name!r}: {r.problem}; routed to "
+        f"{'Adam' if r.dimension_numbers is None else 'the orthogonal branch'}. "
+        f"To choose, pass {_override_text(name, r.dimension_numbers)}, with the "
+        "dimension numbers that fit it (None: Adam)."
+      )
+      if strict:
+        raise ValueError(message + " (strict=True makes this an error.)")
+      warnings.warn(message, routing.RoutingWarning, stacklevel=2)
+  if per_head and not found_heads:
+    message = (
+      "route_by_model(per_head=True): the traced call has no attention product "
+      "(a dot_general of two computed values with a batch axis from a "
+      "projection), so no leaf is split into heads."
+    )
+    if strict:
+      raise ValueError(message)
+    warnings.warn(message, routing.RoutingWarning, stacklevel=2)
+  return ModelRouting(decisions, overrides, strict)
+
+
+def _patterns(overrides) -> list[str]:
+  items = overrides.items() if isinstance(overrides, Mapping) else overrides
+  return [p for p, _ in items]

@@ -123,6 +123,13 @@ class SplitDimensionNumbers(NamedTuple):
       Exactly one of ``split_sizes`` and ``heads`` is given.
     split_axis: the axis to cut, one of the reduction or output axes;
       ``None``: the output axis (which must then be a single axis).
+    view: ``None``, or a shape with the leaf's number of elements that the
+      leaf is first reshaped to (row-major); every axis above then refers
+      to the view. With a view, ``split_sizes`` and ``heads`` may both be
+      ``None`` (no cut). This is how :func:`optax_orth.route_by_model` states
+      an interleaved layout: Bloom's fused QKV kernel ``(d, H * 3 * hd)`` is
+      ``SplitDimensionNumbers(0, (1, 3), view=(d, H, 3, hd))``, three
+      ``(d, H * hd)`` matrices whose columns interleave in the leaf.
   """
 
   reduction_axis: int | tuple[int, ...] = 0
@@ -130,6 +137,7 @@ class SplitDimensionNumbers(NamedTuple):
   split_sizes: tuple[int, ...] | None = None
   heads: int | None = None
   split_axis: int | None = None
+  view: tuple[int, ...] | None = None
 
 
 #: The dimension-numbers types a spec tree holds (besides ``None``).
@@ -237,12 +245,15 @@ class SplitLayout(NamedTuple):
     axis: the axis that is cut.
     sizes: the blocks' sizes along ``axis``.
     parts: the :class:`MatrixLayout` of each block (a slice of the leaf).
+    view: ``None``, or the shape the leaf is first reshaped to; ``axis`` and
+      the blocks then refer to it.
   """
 
   shape: tuple[int, ...]
   axis: int
   sizes: tuple[int, ...]
   parts: tuple[MatrixLayout, ...]
+  view: tuple[int, ...] | None = None
 
   @property
   def batch(self) -> int:
@@ -252,11 +263,12 @@ class SplitLayout(NamedTuple):
   def split(self, x: jax.Array) -> list[jax.Array]:
     """The slices of ``x`` (the leaf's shape) along :attr:`axis`."""
     offsets = list(itertools.accumulate(self.sizes))[:-1]
+    x = x if self.view is None else x.reshape(self.view)
     return list(jnp.split(x, offsets, axis=self.axis))
 
   def join(self, xs: Sequence[jax.Array]) -> jax.Array:
     """Inverse of :meth:`split`."""
-    return jnp.concatenate(list(xs), axis=self.axis)
+    return jnp.concatenate(list(xs), axis=self.axis).reshape(self.shape)
 
   def to_matrices(self, x: jax.Array) -> jax.Array:
     """Not one stack: raises, pointing to :meth:`map_parts`."""
@@ -434,10 +446,29 @@ def matrix_layout(
       f"{where}: expected MuonDimensionNumbers, SplitDimensionNumbers or None, "
       f"got {dimension_numbers!r}."
     )
-  red, out = _reduction_output(shape, dimension_numbers, where)
+  view = getattr(dimension_numbers, "view", None)
+  if view is not None:
+    view = _view(shape, view, dimension_numbers, where)
+  red, out = _reduction_output(view or shape, dimension_numbers, where)
   if isinstance(dimension_numbers, SplitDimensionNumbers):
-    return _split_layout(shape, red, out, dimension_numbers, where)
+    return _split_layout(shape, red, out, dimension_numbers, where, view)
   return _layout(shape, red, out)
+
+
+def _view(shape, view, dn, where: str) -> tuple[int, ...]:
+  view = tuple(view) if isinstance(view, Sequence) else None
+  if (
+    view is None
+    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in view)
+    or math.prod(view) != math.prod(shape)
+  ):
+    raise ValueError(
+      f"{where}: view={dn.view!r} must be a shape of positive ints with the "
+      f"leaf's {math.prod(shape)} elements."
+    )
+  if dn.heads is not None:
+    raise ValueError(f"{where}: give heads or view, not both (a view can hold heads).")
+  return view
 
 
 def _reduction_output(shape, dn, where: str):
@@ -475,8 +506,11 @@ def _split_axis(shape, red, out, dn: SplitDimensionNumbers, where: str) -> int:
   return axis
 
 
-def _split_layout(shape, red, out, dn: SplitDimensionNumbers, where: str):
+def _split_layout(shape, red, out, dn: SplitDimensionNumbers, where: str, view=None):
   """The layout of a leaf cut by :class:`SplitDimensionNumbers`."""
+  if view is not None and dn.split_sizes is None:
+    return _layout(shape, red, out, view)
+  base, shape = shape, (view or shape)
   axis = _split_axis(shape, red, out, dn, where)
   if (dn.split_sizes is None) == (dn.heads is None):
     raise ValueError(
@@ -504,11 +538,11 @@ def _split_layout(shape, red, out, dn: SplitDimensionNumbers, where: str):
       f"sum to axis {axis}'s size {size}."
     )
   if len(sizes) == 1:
-    return _layout(shape, red, out)
+    return _layout(base, red, out, view)
   parts = tuple(
     _layout((*shape[:axis], s, *shape[axis + 1 :]), red, out) for s in sizes
   )
-  return SplitLayout(shape, axis, sizes, parts)
+  return SplitLayout(base, axis, sizes, parts, view)
 
 
 class Decision(NamedTuple):

@@ -18,7 +18,7 @@ from flax import nnx
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
-from optax_orth.model_routing import einsum_dimension_numbers
+# (einsum_dimension_numbers removed: the reader reads the dot itself)
 from tests import reference_numpy as ref
 
 L, D, H, HD, FF, V = 3, 8, 2, 4, 16, 20
