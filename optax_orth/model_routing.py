@@ -187,10 +187,9 @@ class _Reader:
     output (a block of a fused projection), that slice is a block."""
     if info.leaf is not None:
       return
-    for ax in self._axes(info, var):
-      for a in ax:
-        if a.src >= 0 and a.extent < a.size:
-          self.uses[a.src].add(_Use("range", (a,), "slice", where))
+    for a in [*itertools.chain(*self._axes(info, var)), *info.fixed]:
+      if a.src >= 0 and a.extent < a.size:
+        self.uses[a.src].add(_Use("range", (a,), "slice", where))
 
   # The walk ----------------------------------------------------------------
 
@@ -376,6 +375,8 @@ class _Reader:
     """An index chosen at run time (a loop over stacked layers): the digits of
     an axis sliced to one element are batch digits."""
     info, var = ins[0], eqn.invars[0]
+    if info.leaf is not None and any(i.act for i in ins[1:]):
+      return self._p_gather(eqn, ins)  # a row chosen by the data: a lookup
     axes, new, fixed = self._axes(info, var), [], []
     for ax, size, n in zip(
       axes, eqn.params["slice_sizes"], var.aval.shape, strict=True
@@ -795,14 +796,15 @@ def _why(op, shape, view, kinds_, split, per_head) -> str:
 
 
 def _as_function(model, params, call_kwargs, rngs, inputs):
-  """``(fn, params)`` with ``fn(params, *inputs)`` the model's forward pass."""
+  """``(fn, params, rest)`` with ``fn(params, rest, *inputs)`` the model's
+  forward pass; ``rest`` is the model's other state (RNG counts, statistics)."""
   flax = sys.modules.get("flax")
   nnx = sys.modules.get("flax.nnx")
   linen = sys.modules.get("flax.linen")
   if nnx is not None and isinstance(model, nnx.Module):
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    fn = lambda p, *x: nnx.merge(graphdef, p, rest)(*x, **call_kwargs)
-    return fn, state if params is None else params
+    fn = lambda p, r, *x: nnx.merge(graphdef, p, r)(*x, **call_kwargs)
+    return fn, state if params is None else params, rest
   if linen is not None and isinstance(model, linen.Module):
     if params is None:
       rngs = jax.random.key(0) if rngs is None else rngs
@@ -812,22 +814,22 @@ def _as_function(model, params, call_kwargs, rngs, inputs):
       variables = {"params": params}
     others = {k: v for k, v in variables.items() if k != "params"}
 
-    def fn(p, *x):
-      return model.apply({**others, "params": p}, *x, **call_kwargs)
+    def fn(p, r, *x):
+      return model.apply({**r, "params": p}, *x, **call_kwargs)
 
-    return fn, variables["params"]
+    return fn, variables["params"], others
   module = getattr(model, "module", None)
   if flax is not None and linen is not None and isinstance(module, linen.Module):
     # a Hugging Face Flax model: the wrapper's __call__ takes params=
-    fn = lambda p, *x: model(*x, params=p, **call_kwargs)
-    return fn, model.params if params is None else params
+    fn = lambda p, r, *x: model(*x, params=p, **call_kwargs)
+    return fn, model.params if params is None else params, ()
   eqx = sys.modules.get("equinox")
   if eqx is not None and isinstance(model, eqx.Module):
     arrays, static = eqx.partition(model, eqx.is_inexact_array)
-    fn = lambda p, *x: eqx.combine(p, static)(*x, **call_kwargs)
-    return fn, arrays if params is None else params
+    fn = lambda p, r, *x: eqx.combine(p, static)(*x, **call_kwargs)
+    return fn, arrays if params is None else params, ()
   if callable(model) and params is not None:
-    return (lambda p, *x: model(p, *x, **call_kwargs)), params
+    return (lambda p, r, *x: model(p, *x, **call_kwargs)), params, ()
   raise TypeError(
     "route_by_model takes a Flax NNX or Linen module, a Hugging Face Flax model, "
     "an Equinox module, or a function fn(params, *inputs) with params=; got "
@@ -839,12 +841,13 @@ def _override_text(name: str, dn) -> str:
   return f"overrides={{{('^' + re.escape(name) + '$')!r}: {dn!r}}}"
 
 
-def read_model(fn, params, inputs, per_head: bool):
+def read_model(fn, params, rest, inputs, per_head: bool):
   """``({leaf name: _Reading}, head notes, ambiguous heads)`` for ``fn``."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   names = [routing.leaf_name(p) for p, _ in flat]
   shapes = [tuple(jnp.shape(x)) for _, x in flat]
-  closed = jax.make_jaxpr(fn)(params, *inputs)
+  closed = jax.make_jaxpr(fn)(params, rest, *inputs)
+  n_rest = len(jax.tree.leaves(rest))
   n = len(flat)
   if len(closed.jaxpr.invars) < n:
     raise ValueError("route_by_model: the traced call does not take every parameter.")
@@ -859,13 +862,15 @@ def read_model(fn, params, inputs, per_head: bool):
     )
     for i, s in enumerate(shapes)
   ]
-  n_in = len(closed.jaxpr.invars) - n
-  outs = reader.run(closed.jaxpr, [*leaf_infos, *([_Info(act=True)] * n_in)])
+  n_in = len(closed.jaxpr.invars) - n - n_rest
+  inputs = [_CONST] * n_rest + [_Info(act=True)] * n_in
+  outs = reader.run(closed.jaxpr, [*leaf_infos, *inputs])
   heads = frozenset().union(*(o.flags for o in outs))
   readings = {}
   for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
     r = _read_leaf(shape, reader.uses[i], per_head)
-    if i in heads and r.dimension_numbers is not None:
+    mats = any(u.kind in ("dot", "conv") for u in reader.uses[i])
+    if i in heads and mats and "gather" not in r.why:
       if i in reader.feeds:
         r = r._replace(
           why=r.why + "; also reaches the output directly",
@@ -992,8 +997,8 @@ def route_by_model(
       "route_by_model(model, x) (jax.ShapeDtypeStruct((batch, seq), jnp.int32) "
       "is enough; nothing is computed)."
     )
-  fn, tree = _as_function(model, params, call_kwargs, rngs, example_inputs)
-  readings, found_heads = read_model(fn, tree, example_inputs, per_head)
+  fn, tree, rest = _as_function(model, params, call_kwargs, rngs, example_inputs)
+  readings, found_heads = read_model(fn, tree, rest, example_inputs, per_head)
   decisions = {}
   for name, r in readings.items():
     decisions[name] = Decision(r.dimension_numbers, r.why)
