@@ -116,7 +116,10 @@ def main():
   mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,))
   with jax.set_mesh(mesh):  # Flax creates the variables already sharded
     model = MLP(ARGS.width, depth=4, rngs=nnx.Rngs(0))
-    routing = optax_orth.route_by_model(model)  # reads each layer's layout
+    # reads what the model computes on (abstract) inputs of its shape
+    routing = optax_orth.route_by_model(
+      model, jax.ShapeDtypeStruct((8, IN), jnp.float32)
+    )
     tx = optax_orth.namo_d(ARGS.lr, weight_dimension_numbers=routing, weight_decay=0.0)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   params = nnx.state(model, nnx.Param)

@@ -606,13 +606,19 @@ def _digits(shape, atoms: Sequence[_Atom]):
   """The finest digits of each leaf axis that every atom's bounds respect:
   ``{axis: [(stride, size), ...] outer to inner}``, or ``None``."""
   out = {}
+  cuts: dict = {}
+  for a in atoms:
+    if a.extent != a.size:
+      cuts.setdefault((a.axis, a.stride, a.size), {0, a.size}).update((a.lo, a.hi))
   for ax, n in enumerate(shape):
     marks = {1, n}
     for a in atoms:
       if a.axis == ax:
         marks |= {a.stride, a.stride * a.size}
-        if a.extent != a.size:
-          marks.add(a.stride * math.gcd(a.lo, a.hi, a.size))
+    for (axis, stride, _), points in cuts.items():
+      pieces = {q - p for p, q in itertools.pairwise(sorted(points))}
+      if axis == ax and len(pieces) == 1:  # equal blocks: a digit of their own
+        marks.add(stride * pieces.pop())
     places = sorted(marks)
     if any(q % p for p, q in itertools.pairwise(places)):
       return None
@@ -727,11 +733,11 @@ def _read_leaf(shape, uses: set[_Use], per_head: bool) -> _Reading:
   one = lambda axes: axes[0] if len(axes) == 1 else axes
   if tuple(view) == tuple(shape) and split is None:
     return _Reading(MuonDimensionNumbers(one(red), one(out)), why)
-  if tuple(view) == tuple(shape):
-    return _Reading(
-      SplitDimensionNumbers(one(red), one(out), split[1], None, split[0]), why
-    )
   sizes, axis = (split[1], split[0]) if split else (None, None)
+  if out == (axis,):
+    axis = None  # the default: the output axis
+  if tuple(view) == tuple(shape):
+    return _Reading(SplitDimensionNumbers(one(red), one(out), sizes, None, axis), why)
   return _Reading(
     SplitDimensionNumbers(one(red), one(out), sizes, None, axis, tuple(view)), why
   )

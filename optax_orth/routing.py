@@ -612,6 +612,13 @@ class Routing:
 
   strict: bool = False
   label: str = "routing"
+  #: the last line of a report: what settles the leaves it names.
+  advice: str = (
+    "Pass weight_dimension_numbers=optax_orth.route_by_model(model, *inputs) "
+    "(it reads each layer's layout from what the model computes on example "
+    "inputs), or rules to route_by_path; optax_orth.routing_table(params, "
+    "spec) shows every leaf and why."
+  )
 
   def decide(self, name: str, x: Any) -> Decision:
     """The :class:`Decision` for the leaf ``x`` named ``name`` (see
@@ -674,9 +681,8 @@ class Routing:
     message = (
       f"optax_orth {self.label}: "
       + "\n".join(parts)
-      + "\nPass weight_dimension_numbers=optax_orth.route_by_model(model) (it "
-      "reads each layer's layout from the model), or rules to route_by_path; "
-      "optax_orth.routing_table(params, spec) shows every leaf and why."
+      + "\n"
+      + self.advice
     )
     if self.strict:
       raise ValueError(message + " (strict=True makes this an error.)")
@@ -731,6 +737,12 @@ class _OptaxRule(Routing):
   """
 
   label = "muon's default routing (optax.contrib.muon's rule)"
+  advice = (
+    "Pass muon(..., muon_weight_dimension_numbers=optax_orth.route_by_model("
+    "model, *inputs)) (it reads each layer's layout from what the model "
+    "computes on example inputs), or optax_orth.route_by_path(rules); "
+    "optax_orth.routing_table(params, spec) shows every leaf and why."
+  )
 
   def decide(self, name: str, x: Any) -> Decision:
     ndim = jnp.ndim(x)

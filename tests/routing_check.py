@@ -92,3 +92,25 @@ def reshaped(*mat_shape):
     return x.reshape(-1, *mat_shape)
 
   return to, lambda m: m.reshape(holder["shape"])
+
+
+def viewed(view, perm, mat_shape):
+  """A leaf as matrices of ``mat_shape``: reshaped to ``view``, its axes
+  permuted by ``perm`` (the batch axes first), and back."""
+  holder = {}
+  inverse = np.argsort(perm)
+
+  def to(x):
+    holder["shape"] = x.shape
+    return x.reshape(view).transpose(perm).reshape(-1, *mat_shape)
+
+  def back(m):
+    permuted = tuple(view[p] for p in perm)
+    return m.reshape(permuted).transpose(inverse).reshape(holder["shape"])
+
+  return to, back
+
+
+def matrices_column(params, spec):
+  """``{path: (branch, matrices)}``: the table without its why column."""
+  return {k: v[1:3] for k, v in rows(params, spec).items()}

@@ -11,6 +11,7 @@ from flax import nnx
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth import routing
+from tests.routing_check import rows
 from tests.test_route_by_model import TOKENS, ScannedTransformer
 
 
@@ -55,21 +56,41 @@ def test_strict_is_an_error_and_route_by_model_is_quiet():
     optax_orth.normuon(weight_dimension_numbers=spec).init(state)
 
 
-def test_shape_only_2d_leaves_and_unknown_modules_are_reported():
+def test_unused_and_inconsistent_leaves_are_reported():
   class Custom(nnx.Module):
     def __init__(self, rngs):
-      self.pos = nnx.Param(jnp.zeros((5, 8)))  # a table, not a layer
+      self.unused = nnx.Param(jnp.zeros((5, 8)))  # never read by the call
+      self.both = nnx.Param(jnp.zeros((8, 8)))  # read as (in, out) and (out, in)
       self.lin = nnx.Linear(8, 8, rngs=rngs)
+      self.head = nnx.Linear(8, 2, rngs=rngs)
 
-  model = Custom(nnx.Rngs(0))
-  spec = optax_orth.route_by_model(model)
-  with pytest.warns(optax_orth.RoutingWarning, match=r"pos \(5, 8\): Custom"):
-    table = optax_orth.routing_table(nnx.state(model, nnx.Param), spec)
-  assert "| lin/kernel | (8, 8) | orthogonal | 1 x 8 x 8 | Linear kernel |" in table
-  with pytest.raises(ValueError, match="pos"):
-    optax_orth.label_tree(
-      nnx.state(model, nnx.Param), optax_orth.route_by_model(model, strict=True)
+    def __call__(self, x):
+      return self.head(self.lin(x @ self.both[...] + x @ self.both[...].T))
+
+  model, x = Custom(nnx.Rngs(0)), jnp.zeros((2, 8))
+  with pytest.warns(optax_orth.RoutingWarning) as record:
+    spec = optax_orth.route_by_model(model, x)
+  messages = sorted(str(w.message) for w in _routing_warnings(record))
+  assert len(messages) == 2
+  assert "leaf 'both': it is used as" in messages[0]
+  assert "overrides={'^both$': None}" in messages[0]
+  assert "leaf 'unused': it is not used by the traced call" in messages[1]
+  assert all(w.filename == __file__ for w in record)
+  table = rows(nnx.state(model, nnx.Param), spec)
+  assert table["lin/kernel"][1:3] == ("orthogonal", "1 x 8 x 8")
+  assert table["both"][1:] == ("adam", "-", "used in incompatible ways")
+  assert table["unused"][1:] == ("adam", "-", "not used by the traced call")
+  with pytest.raises(ValueError, match=r"leaf 'both'.*strict=True"):
+    optax_orth.route_by_model(model, x, strict=True)
+  # An override settles a leaf and silences its warning.
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    spec = optax_orth.route_by_model(
+      model, x, overrides={r"^both$": DN(0, 1), r"^unused$": None}
     )
+  assert not _routing_warnings(record)
+  table = rows(nnx.state(model, nnx.Param), spec)
+  assert table["both"][1:] == ("orthogonal", "1 x 8 x 8", "override '^both$'")
 
 
 def test_rules_see_nnx_names_without_value_and_unmatched_rules_are_reported():
@@ -91,13 +112,13 @@ def test_rules_see_nnx_names_without_value_and_unmatched_rules_are_reported():
 def test_overrides_win_and_unmatched_overrides_are_reported():
   model = ScannedTransformer(nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
-  spec = optax_orth.route_by_model(model, overrides={r"blocks/up/kernel": None})
+  spec = optax_orth.route_by_model(model, TOKENS, overrides={r"blocks/up/kernel": None})
   table = optax_orth.routing_table(state, spec)
   assert (
     "| blocks/up/kernel | (3, 8, 16) | adam | - | override 'blocks/up/kernel' |"
     in table
   )
-  spec = optax_orth.route_by_model(model, overrides={r"blocks/upp/": None})
+  spec = optax_orth.route_by_model(model, TOKENS, overrides={r"blocks/upp/": None})
   with pytest.warns(optax_orth.RoutingWarning, match="blocks/upp/"):
     optax_orth.label_tree(state, spec)
 
@@ -165,8 +186,10 @@ def test_tied_embedding_head_is_the_embedding():
   table = optax_orth.routing_table(
     nnx.state(model, nnx.Param), optax_orth.route_by_model(model, TOKENS)
   )
-  assert "| proj/kernel | (8, 8) | orthogonal | 1 x 8 x 8 | Linear kernel |" in table
-  assert "| embed/embedding | (20, 8) | adam | - | Embed embedding |" in table
+  dot = "dot_general: fan-in axis 0, fan-out axis 1"
+  assert f"| proj/kernel | (8, 8) | orthogonal | 1 x 8 x 8 | {dot} |" in table
+  tied = "gather (an embedding lookup), also a dot_general (a tied output head)"
+  assert f"| embed/embedding | (20, 8) | adam | - | {tied} |" in table
 
 
 def test_linen_with_partitioning_boxes_are_read_and_train():

@@ -303,18 +303,36 @@ def test_owner_scheme_on_eight_devices_matches_one_device(tmp_path):
     assert r["all_to_all"] >= 2, (name, r)  # in and out of the owners
 
 
-def test_route_by_model_override_splits_a_fused_layer():
+def test_route_by_model_reads_or_is_told_a_fused_layer():
   from flax import nnx
 
   class Attn(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, sliced, rngs):
+      self.sliced = sliced
       self.qkv = nnx.Linear(16, 16 + 4 + 4, use_bias=False, rngs=rngs)
-      self.out = nnx.Linear(16, 16, use_bias=False, rngs=rngs)
+      self.out = nnx.Linear(16 if sliced else 24, 16, use_bias=False, rngs=rngs)
+      self.head = nnx.Linear(16, 2, use_bias=False, rngs=rngs)
 
-  model = Attn(nnx.Rngs(0))
+    def __call__(self, x):
+      y = self.qkv(x)
+      if self.sliced:  # q, k, v of unequal widths: the reader finds the blocks
+        q, k, v = y[..., :16], y[..., 16:20], y[..., 20:]
+        logits = jnp.einsum("bi,bj->bij", q, k)
+        y = jnp.einsum("bij,bj->bi", logits, v)
+      return self.head(self.out(y))
+
+  x = jnp.zeros((2, 16))
+  read = optax_orth.route_by_model(Attn(True, nnx.Rngs(0)), x, strict=True)
+  assert read.decisions["qkv/kernel"].dimension_numbers == SplitDN(
+    0, 1, split_sizes=(16, 4, 4)
+  )
+  model = Attn(False, nnx.Rngs(0))  # used whole: one matrix unless told
+  assert optax_orth.route_by_model(model, x).decisions[
+    "qkv/kernel"
+  ].dimension_numbers == optax_orth.MuonDimensionNumbers(0, 1)
   spec = optax_orth.route_by_model(
     model,
-    head=None,
+    x,
     overrides={r"qkv/kernel": SplitDN(0, 1, split_sizes=(16, 4, 4))},
     strict=True,
   )
