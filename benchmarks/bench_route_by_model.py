@@ -2,7 +2,8 @@
 
 For each model, in one run: the time of ``jax.make_jaxpr`` of one forward
 pass (the trace route_by_model needs), and of ``route_by_model`` (trace and
-read), best of ``--repeats``; their ratio is the reader's overhead. Inputs
+read), best of ``--repeats``, each repeat on a new function so that no trace
+is reused from jax's cache; their ratio is the reader's overhead. Inputs
 and parameters are abstract (``jax.ShapeDtypeStruct``), so nothing is
 allocated at model size.
 
@@ -90,7 +91,10 @@ def main():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   forward = lambda p, r, x: nnx.merge(graphdef, p, r)(x)
   for per_head in (False, True):
-    trace = best(lambda: jax.make_jaxpr(forward)(params, rest, tokens), args.repeats)
+    trace = best(
+      lambda: jax.make_jaxpr(lambda *a: forward(*a))(params, rest, tokens),
+      args.repeats,
+    )
     read = best(
       lambda per_head=per_head: optax_orth.route_by_model(
         model, tokens, per_head=per_head
@@ -110,7 +114,10 @@ def main():
     hf_params = jax.eval_shape(lambda: gpt2.init_weights(jax.random.key(0), (1, 8)))
     hf_tokens = jax.ShapeDtypeStruct((8, 1024), jnp.int32)
     call = lambda p, x: gpt2(x, params=p)
-    trace = best(lambda: jax.make_jaxpr(call)(hf_params, hf_tokens), args.repeats)
+    trace = best(
+      lambda: jax.make_jaxpr(lambda *a: call(*a))(hf_params, hf_tokens),
+      args.repeats,
+    )
     read = best(
       lambda: optax_orth.route_by_model(gpt2, hf_tokens, params=hf_params),
       args.repeats,
@@ -120,7 +127,7 @@ def main():
   print("| model | make_jaxpr (s) | route_by_model (s) | ratio |")
   print("|---|---|---|---|")
   for name, trace, read in rows:
-    print(f"| {name} | {trace:.2f} | {read:.2f} | {read / trace:.1f} |")
+    print(f"| {name} | {trace:.3f} | {read:.3f} | {read / trace:.1f} |")
   if args.out:
     result = {
       "machine": f"{platform.machine()} {platform.processor()}, "

@@ -93,13 +93,11 @@ def scale_by_hyperball(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(f"{where} needs params in update.")
-    entries, treedef = transforms.leaf_layouts(weight_dimension_numbers, updates, where)
     lr = validation.at_step(learning_rate, state.count)
-    outs = [
-      lay.map_parts(_hyperball_step, d, k, lr)
-      for (_, d, lay), k in zip(entries, jax.tree.leaves(params), strict=True)
-    ]
-    new_state = ScaleByHyperballState(count=optax.safe_increment(state.count))
-    return jax.tree.unflatten(treedef, outs), new_state
+    step = lambda p, d, k: _hyperball_step(p, d, k, lr)
+    outs = transforms.map_matrices(
+      weight_dimension_numbers, where, step, updates, params
+    )
+    return outs, ScaleByHyperballState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

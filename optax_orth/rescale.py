@@ -12,7 +12,6 @@ Adam update), so that Adam's learning rates and schedules carry over.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -60,8 +59,6 @@ def scale_to_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = transforms.leaf_layouts(weight_dimension_numbers, updates, where)
-    outs = [lay.map_parts(one, x) for _, x, lay in entries]
-    return jax.tree.unflatten(treedef, outs), state
+    return transforms.map_matrices(weight_dimension_numbers, where, one, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -21,8 +21,8 @@ A *spec* for a tree of parameters is one of
 
 A fused leaf (a QKV kernel ``(d, q + k + v)``, an attention kernel whose
 output axis holds the heads) is several matrices: :class:`SplitDimensionNumbers`
-cuts it along one axis into blocks of given sizes (a :class:`SplitLayout`, one
-:class:`MatrixLayout` per block) or into equal heads (a :class:`MatrixLayout`
+cuts it along one axis into blocks of given sizes (a :class:`MatrixLayout`
+with one layout per block) or into equal heads (a :class:`MatrixLayout`
 whose heads axis is a batch axis), and every block orthogonalizes, scales and
 keeps statistics for each block on its own.
 
@@ -59,7 +59,7 @@ DEFAULT_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=0, output_axis=1
 #: (``decoder/kernel``, not an encoder-decoder's ``decoder/layers_0/...``).
 #: ``fc`` is not one: it names GPT-2's and many MLPs' hidden layer as often as
 #: a ResNet's classifier; :func:`optax_orth.route_by_model` finds such a head
-#: as the last projection to the model's output.
+#: from what the model computes.
 HEAD_PATTERNS: tuple[str, ...] = (
   r"(^|/)(lm_head|head|output_head|readout)(/|$)",
   r"(^|/)(classifier|cls_head|logits|decoder|unembed)(/[^/]+)?$",
@@ -144,75 +144,11 @@ class SplitDimensionNumbers(NamedTuple):
 DIMENSION_NUMBERS_TYPES = (MuonDimensionNumbers, SplitDimensionNumbers)
 
 
-class MatrixLayout(NamedTuple):
-  """How one leaf is viewed as a stack of matrices.
-
-  Attributes:
-    shape: the leaf's shape.
-    perm: transposition that orders the axes (of ``view``, if given) as
-      (batch, reduction, output).
-    batch: number of matrices.
-    fan_in: product of the reduction dimensions.
-    fan_out: product of the output dimensions.
-    view: ``None``, or the shape the leaf is first reshaped to, with one axis
-      cut into ``(heads, size // heads)`` (the per-head form of
-      :class:`SplitDimensionNumbers`); ``perm`` then refers to its axes.
-  """
-
-  shape: tuple[int, ...]
-  perm: tuple[int, ...]
-  batch: int
-  fan_in: int
-  fan_out: int
-  view: tuple[int, ...] | None = None
-
-  def to_matrices(self, x: jax.Array) -> jax.Array:
-    """``x`` (the leaf's shape) to ``(batch, fan_in, fan_out)``."""
-    if self.view is not None:
-      x = x.reshape(self.view)
-    return jnp.transpose(x, self.perm).reshape(self.batch, self.fan_in, self.fan_out)
-
-  def from_matrices(self, y: jax.Array) -> jax.Array:
-    """Inverse of :meth:`to_matrices`."""
-    base = self.shape if self.view is None else self.view
-    permuted = tuple(base[i] for i in self.perm)
-    inverse = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
-    return jnp.transpose(y.reshape(permuted), inverse).reshape(self.shape)
-
-  # The interface that SplitLayout shares; one block, the whole leaf.
-
-  @property
-  def parts(self) -> tuple[MatrixLayout, ...]:
-    """The layouts of the leaf's blocks: here the leaf itself, ``(self,)``."""
-    return (self,)
-
-  def split(self, x: jax.Array) -> list[jax.Array]:
-    """The leaf's blocks: ``[x]``."""
-    return [x]
-
-  def join(self, xs: Sequence[jax.Array]) -> jax.Array:
-    """Inverse of :meth:`split`."""
-    (x,) = xs
-    return x
-
-  def each(self, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(self, *args)``; see :meth:`SplitLayout.each`."""
-    return fn(self, *args)
-
-  def map_parts(self, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(self, *args)``; see :meth:`SplitLayout.map_parts`."""
-    return fn(self, *args)
-
-  def describe(self) -> str:
-    """``"batch x fan_in x fan_out"``, as :func:`routing_table` prints it."""
-    return f"{self.batch} x {self.fan_in} x {self.fan_out}"
-
-
 @jax.tree_util.register_pytree_with_keys_class
 class Parts(tuple):
   """One entry per block of a split leaf (a pytree node, keys ``0, 1, ...``).
 
-  A block's state for a leaf that a :class:`SplitLayout` cuts into blocks of
+  A block's state for a leaf that a :class:`MatrixLayout` cuts into blocks of
   different shapes is a ``Parts`` of per-block arrays, each what the block
   keeps for one matrix stack (for example ``(batch, fan_in)``).
   """
@@ -233,57 +169,89 @@ class Parts(tuple):
     return f"Parts({tuple.__repr__(self)})"
 
 
-class SplitLayout(NamedTuple):
-  """A fused leaf cut along one axis into blocks, each a stack of matrices.
+class MatrixLayout(NamedTuple):
+  """How one leaf is viewed as stacks of ``(fan_in, fan_out)`` matrices.
 
-  Made by :func:`matrix_layout` for :class:`SplitDimensionNumbers` with
-  ``split_sizes``. The blocks use the leaf's dimension numbers; a block's
-  per-leaf state is a :class:`Parts` with one entry per block.
+  A leaf is one stack or, cut by :class:`SplitDimensionNumbers` with
+  ``split_sizes``, one stack per block (:attr:`blocks`). Every block of the
+  package reaches the matrices the same way: :meth:`map_parts` calls
+  ``fn(part, x_part, ...)`` once per stack, ``part`` that stack's layout
+  (the leaf's own when it is not cut), and joins the results.
 
   Attributes:
     shape: the leaf's shape.
-    axis: the axis that is cut.
-    sizes: the blocks' sizes along ``axis``.
-    parts: the :class:`MatrixLayout` of each block (a slice of the leaf).
-    view: ``None``, or the shape the leaf is first reshaped to; ``axis`` and
-      the blocks then refer to it.
+    perm: transposition that orders the axes (of ``view``, if given) as
+      (batch, reduction, output); ``()`` for a leaf cut into blocks.
+    batch: number of matrices (over all blocks).
+    fan_in: product of the reduction dimensions (``0`` when cut into blocks).
+    fan_out: product of the output dimensions (``0`` when cut into blocks).
+    view: ``None``, or the shape the leaf is first reshaped to (an axis cut
+      into heads, or into the digits of an interleaved layout); ``perm``,
+      ``axis`` and the blocks then refer to its axes.
+    axis: the axis that is cut into blocks, or ``None``.
+    blocks: the layout of each block (a slice of the leaf, or of its view);
+      ``()`` for a leaf that is one stack.
   """
 
   shape: tuple[int, ...]
-  axis: int
-  sizes: tuple[int, ...]
-  parts: tuple[MatrixLayout, ...]
+  perm: tuple[int, ...]
+  batch: int
+  fan_in: int
+  fan_out: int
   view: tuple[int, ...] | None = None
+  axis: int | None = None
+  blocks: tuple[MatrixLayout, ...] = ()
 
   @property
-  def batch(self) -> int:
-    """Total number of matrices, over all blocks."""
-    return sum(p.batch for p in self.parts)
+  def parts(self) -> tuple[MatrixLayout, ...]:
+    """The layout of each stack: :attr:`blocks`, or ``(self,)``."""
+    return self.blocks or (self,)
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    """The blocks' sizes along :attr:`axis` (``()`` for one stack)."""
+    return tuple(b.shape[self.axis] for b in self.blocks)
+
+  def to_matrices(self, x: jax.Array) -> jax.Array:
+    """``x`` (the leaf's shape) to ``(batch, fan_in, fan_out)``. A leaf cut
+    into blocks is one stack per block: it raises (use :meth:`map_parts`)."""
+    if self.blocks:
+      raise TypeError(
+        f"a leaf of shape {self.shape} cut into blocks {self.sizes} along axis "
+        f"{self.axis} (SplitDimensionNumbers) is one stack of matrices per "
+        "block: use layout.map_parts(fn, x) (or to_matrix_list / "
+        "from_matrix_list), with fn(part_layout, x_part)."
+      )
+    if self.view is not None:
+      x = x.reshape(self.view)
+    return jnp.transpose(x, self.perm).reshape(self.batch, self.fan_in, self.fan_out)
+
+  def from_matrices(self, y: jax.Array) -> jax.Array:
+    """Inverse of :meth:`to_matrices`."""
+    if self.blocks:
+      self.to_matrices(y)
+    base = self.shape if self.view is None else self.view
+    permuted = tuple(base[i] for i in self.perm)
+    inverse = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
+    return jnp.transpose(y.reshape(permuted), inverse).reshape(self.shape)
 
   def split(self, x: jax.Array) -> list[jax.Array]:
-    """The slices of ``x`` (the leaf's shape) along :attr:`axis`."""
+    """The leaf's blocks (``[x]`` for one stack)."""
+    if not self.blocks:
+      return [x]
     offsets = list(itertools.accumulate(self.sizes))[:-1]
     x = x if self.view is None else x.reshape(self.view)
     return list(jnp.split(x, offsets, axis=self.axis))
 
   def join(self, xs: Sequence[jax.Array]) -> jax.Array:
     """Inverse of :meth:`split`."""
+    if not self.blocks:
+      (x,) = xs
+      return x
     return jnp.concatenate(list(xs), axis=self.axis).reshape(self.shape)
 
-  def to_matrices(self, x: jax.Array) -> jax.Array:
-    """Not one stack: raises, pointing to :meth:`map_parts`."""
-    del x
-    raise TypeError(
-      f"a leaf of shape {self.shape} split into blocks {self.sizes} along axis "
-      f"{self.axis} (SplitDimensionNumbers) is one stack of matrices per block: "
-      "use layout.map_parts(fn, x) (or to_matrix_list / from_matrix_list), "
-      "with fn(part_layout, x_part)."
-    )
-
-  from_matrices = to_matrices
-
   def _per_part(self, a: Any) -> list:
-    n = len(self.parts)
+    n = len(self.blocks)
     if isinstance(a, Parts):
       if len(a) != n:
         raise ValueError(f"expected {n} parts for a leaf of shape {self.shape}.")
@@ -297,41 +265,45 @@ class SplitLayout(NamedTuple):
       f"{self.shape}: expected the leaf's shape, a scalar or Parts."
     )
 
-  def each(self, fn: Callable[..., Any], *args: Any) -> Parts:
-    """``Parts(fn(part, *args_of_part) for each block)``.
+  def each(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(part, *args_of_part)`` per stack: the result itself for a leaf
+    that is one stack, a :class:`Parts` of results for a cut leaf.
 
     Each argument is a leaf-shaped array (split into blocks), a
     :class:`Parts` (one entry per block), a scalar or ``None`` (passed to
     every block).
     """
+    if not self.blocks:
+      return fn(self, *args)
     cols = [self._per_part(a) for a in args]
-    return Parts(fn(p, *(c[i] for c in cols)) for i, p in enumerate(self.parts))
+    return Parts(fn(p, *(c[i] for c in cols)) for i, p in enumerate(self.blocks))
 
   def map_parts(self, fn: Callable[..., Any], *args: Any) -> Any:
     """:meth:`each`, with the blocks of ``fn``'s (first) result joined.
 
     ``fn(part, ...)`` returns an array shaped like the block, or a tuple
-    whose first entry is; the rest come back as :class:`Parts`.
+    whose first entry is; for a cut leaf the rest come back as
+    :class:`Parts`.
     """
     out = self.each(fn, *args)
+    if not self.blocks:
+      return out
     if not isinstance(out[0], tuple):
       return self.join(out)
     firsts = self.join([r[0] for r in out])
-    rest = [Parts(r[k] for r in out) for k in range(1, len(out[0]))]
-    return (firsts, *rest)
+    return (firsts, *(Parts(r[k] for r in out) for k in range(1, len(out[0]))))
 
   def describe(self) -> str:
-    """The blocks' ``batch x fan_in x fan_out``, joined by ``+``."""
-    return " + ".join(p.describe() for p in self.parts)
+    """``"batch x fan_in x fan_out"`` per stack, joined by ``+``, as
+    :func:`routing_table` prints it."""
+    return " + ".join(f"{p.batch} x {p.fan_in} x {p.fan_out}" for p in self.parts)
 
 
-Layout = MatrixLayout | SplitLayout
-
-
-def to_matrix_list(layouts: Sequence[Layout], leaves: Sequence[jax.Array]) -> list:
-  """The ``(batch, fan_in, fan_out)`` stacks of every block of every leaf, in
-  order (one per :class:`MatrixLayout`, one per block of a
-  :class:`SplitLayout`)."""
+def to_matrix_list(
+  layouts: Sequence[MatrixLayout], leaves: Sequence[jax.Array]
+) -> list:
+  """The ``(batch, fan_in, fan_out)`` stacks of every leaf, in order (one per
+  block of a leaf cut into blocks)."""
   return [
     part.to_matrices(x)
     for lay, leaf in zip(layouts, leaves, strict=True)
@@ -339,7 +311,7 @@ def to_matrix_list(layouts: Sequence[Layout], leaves: Sequence[jax.Array]) -> li
   ]
 
 
-def from_matrix_list(layouts: Sequence[Layout], matrices: Sequence[jax.Array]):
+def from_matrix_list(layouts: Sequence[MatrixLayout], matrices: Sequence[jax.Array]):
   """Inverse of :func:`to_matrix_list`: one leaf-shaped array per layout."""
   it = iter(matrices)
   return [
@@ -406,7 +378,7 @@ def matrix_layout(
   | SplitDimensionNumbers
   | None = DEFAULT_DIMENSION_NUMBERS,
   path: str = "",
-) -> MatrixLayout | SplitLayout:
+) -> MatrixLayout:
   """The layout of a leaf, with validation.
 
   Args:
@@ -418,8 +390,8 @@ def matrix_layout(
     path: the leaf's path, used in error messages.
 
   Returns:
-    A :class:`MatrixLayout`; a :class:`SplitLayout` for
-    :class:`SplitDimensionNumbers` with more than one ``split_sizes``.
+    A :class:`MatrixLayout`, cut into blocks for :class:`SplitDimensionNumbers`
+    with more than one ``split_sizes``.
 
   Raises:
     ValueError: naming the leaf, for rank < 2 leaves, ``None``, axes out of
@@ -539,10 +511,10 @@ def _split_layout(shape, red, out, dn: SplitDimensionNumbers, where: str, view=N
     )
   if len(sizes) == 1:
     return _layout(base, red, out, view)
-  parts = tuple(
+  blocks = tuple(
     _layout((*shape[:axis], s, *shape[axis + 1 :]), red, out) for s in sizes
   )
-  return SplitLayout(base, axis, sizes, parts, view)
+  return MatrixLayout(base, (), sum(b.batch for b in blocks), 0, 0, view, axis, blocks)
 
 
 class Decision(NamedTuple):
@@ -678,12 +650,7 @@ class Routing:
         f"{len(unmatched)} patterns match no leaf (leaf names look like "
         f"{example}):\n" + _listing([repr(p) for p in unmatched])
       )
-    message = (
-      f"optax_orth {self.label}: "
-      + "\n".join(parts)
-      + "\n"
-      + self.advice
-    )
+    message = f"optax_orth {self.label}: " + "\n".join(parts) + "\n" + self.advice
     if self.strict:
       raise ValueError(message + " (strict=True makes this an error.)")
     reported |= keys

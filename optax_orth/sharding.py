@@ -336,11 +336,11 @@ def owner_layouts(layouts: Sequence[Any], leaves: Sequence[jax.Array], sharding)
   out = []
   for lay, x in zip(layouts, leaves, strict=True):
     dims = spec_axes(x)
-    if hasattr(lay, "perm"):  # a MatrixLayout
+    if not lay.blocks:
       out.append(_sharded_first(lay, dims, axes, n))
-    else:  # a SplitLayout: blocks of the leaf, each with the leaf's rank
-      parts = tuple(_sharded_first(p, dims, axes, n) for p in lay.parts)
-      out.append(lay if parts == tuple(lay.parts) else lay._replace(parts=parts))
+    else:  # blocks of the leaf, each with the leaf's rank
+      blocks = tuple(_sharded_first(p, dims, axes, n) for p in lay.blocks)
+      out.append(lay._replace(blocks=blocks))
   return out
 
 

@@ -62,6 +62,37 @@ def leaf_layouts(spec: DimensionNumbersSpec, tree, where: str):
   return out, treedef
 
 
+def map_matrices(
+  spec: DimensionNumbersSpec, where: str, fn, tree, *others, outputs: int = 1
+):
+  """``fn(part, x, *args)`` on every matrix stack of every leaf of ``tree``.
+
+  The one per-matrix loop of the package: each leaf's layout (from ``spec``)
+  calls ``fn`` once per stack (:meth:`~optax_orth.MatrixLayout.map_parts`),
+  ``x`` the leaf (or its block) and ``args`` the matching entries of
+  ``others``, trees with ``tree``'s leaves (a split leaf's state a
+  :class:`~optax_orth.routing.Parts`). Returns a tree like ``tree``, or
+  ``outputs`` trees when ``fn`` returns that many values.
+  """
+  entries, treedef = leaf_layouts(spec, tree, where)
+  cols = [jax.tree.leaves(o, is_leaf=_is_parts) for o in others]
+  for col in cols:
+    if len(col) != len(entries):
+      raise ValueError(
+        f"{where}: the updates have {len(entries)} matrix leaves but the state "
+        f"or parameters {len(col)}; call init with the parameters these "
+        "updates are for."
+      )
+  outs = [
+    lay.map_parts(fn, x, *(c[i] for c in cols)) for i, (_, x, lay) in enumerate(entries)
+  ]
+  if outputs == 1:
+    return jax.tree.unflatten(treedef, outs)
+  return tuple(
+    jax.tree.unflatten(treedef, [o[k] for o in outs]) for k in range(outputs)
+  )
+
+
 def stat_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
   """The dtype of the statistics of a leaf: the wider of float32 and its own.
 
@@ -83,7 +114,7 @@ def row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
   Computed in :func:`stat_dtype`; saturates at its largest finite value instead
   of overflowing to ``inf``.
   """
-  if not isinstance(layout, MatrixLayout):  # a SplitLayout: one per block
+  if layout.blocks:  # one per block
     return layout.each(lambda part, xp: row_sq_norms(xp, part), x)
   dt = stat_dtype(x.dtype)
   m = layout.to_matrices(x)
@@ -368,9 +399,9 @@ def scale_by_shape(
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = leaf_layouts(weight_dimension_numbers, updates, "scale_by_shape")
-    outs = [lay.map_parts(scale, x) for _, x, lay in entries]
-    return jax.tree.unflatten(treedef, outs), state
+    return map_matrices(
+      weight_dimension_numbers, "scale_by_shape", scale, updates
+    ), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -455,20 +486,11 @@ def scale_by_neuron_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    entries, treedef = leaf_layouts(weight_dimension_numbers, updates, where)
-    nus = jax.tree.leaves(state.nu, is_leaf=_is_parts)
-    if len(nus) != len(entries):
-      raise ValueError(
-        f"{where}: the updates have {len(entries)} matrix leaves but the state "
-        f"{len(nus)}; call init with the parameters these updates are for."
-      )
-    pairs = [
-      lay.map_parts(lambda p, o, v: normalize(o, v, p), x, nu)
-      for (_, x, lay), nu in zip(entries, nus, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, [p[0] for p in pairs]), ScaleByNeuronRmsState(
-      nu=jax.tree.unflatten(treedef, [p[1] for p in pairs])
+    fn = lambda p, o, v: normalize(o, v, p)
+    out, nu = map_matrices(
+      weight_dimension_numbers, where, fn, updates, state.nu, outputs=2
     )
+    return out, ScaleByNeuronRmsState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -789,15 +811,14 @@ def scale_by_norm_adaptive(
     )
     _check_step_sizes(d, raw)
     lr = validation.at_step(learning_rate, state.count)
-    entries, treedef = leaf_layouts(weight_dimension_numbers, o_tree, where)
-    ks = jax.tree.leaves(params) if decays else [None] * len(entries)
     caps = (scale_coeff, weight_decay, weight_decay_mode, lr, cautious_weight_decay)
-    step = lambda p, o, k, alpha: _capped_step(o, k, alpha, p, *caps)
-    ds = jax.tree.leaves(d, is_leaf=_is_parts)
-    outs = [
-      lay.map_parts(step, o, k, jax.tree.map(lambda v: lr * v, dd))
-      for (_, o, lay), k, dd in zip(entries, ks, ds, strict=True)
-    ]
+    if decays:
+      step = lambda p, o, alpha, k: _capped_step(o, k, lr * alpha, p, *caps)
+      args = (d, params)
+    else:
+      step = lambda p, o, alpha: _capped_step(o, None, lr * alpha, p, *caps)
+      args = (d,)
+    out = map_matrices(weight_dimension_numbers, where, step, o_tree, *args)
     new_state = ScaleByNormAdaptiveState(
       count=count,
       nu=nu,
@@ -807,6 +828,6 @@ def scale_by_norm_adaptive(
       direction_state=direction_state,
       step_size_state=step_state,
     )
-    return jax.tree.unflatten(treedef, outs), new_state
+    return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
