@@ -648,9 +648,10 @@ def _read_leaf(shape, uses: set[_Use], per_head: bool) -> _Reading:
     )
   if not mats:
     if "opaque" in kinds:
-      return _Reading(
-        None, f"used only through {', '.join(ops)}", "its uses do not show its matrices"
-      )
+      why = f"used only through {', '.join(ops)}"
+      if sum(d > 1 for d in shape) < 2:  # a vector (a learned token): no matrix
+        return _Reading(None, why + ", a vector")
+      return _Reading(None, why, "its uses do not show its matrices")
     if not uses:
       return _Reading(
         None, "not used by the traced call", "it is not used by the traced call"

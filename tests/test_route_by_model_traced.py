@@ -9,6 +9,8 @@ our NumPy Muon on the matrices we cut from the leaf by hand, and every other
 leaf's update is ``optax.adamw``'s.
 """
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,7 @@ transformers = pytest.importorskip("transformers")
 IDS = jnp.zeros((1, 6), jnp.int32)
 E, V = 32, 50  # the hidden size and vocabulary of the Hugging Face models
 ORTH, ADAM = "orthogonal", ("adam", "-")
+DOT = "dot_general: fan-in axis 0, fan-out axis 1"
 TRANSPOSE = (lambda x: x.T[None], lambda m: m[0].T)  # one matrix stored (out, in)
 
 
@@ -419,3 +422,33 @@ def test_the_spec_fits_the_pure_dict_and_nnx_optimizer_trains_with_it():
     grads = nnx.grad(loss)(model)
     optimizer.update(model, grads)
   assert np.isfinite(float(loss(model))) and loss(model) < before
+
+
+def test_vit_patch_convolution_and_a_learned_class_token():
+  config = transformers.ViTConfig(
+    hidden_size=E,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=8,
+    num_labels=3,
+  )
+  model = transformers.FlaxViTForImageClassification(config, seed=0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", optax_orth.RoutingWarning)  # nothing to report
+    spec = optax_orth.route_by_model(model, jnp.zeros((1, 3, 16, 16)))
+  table = rows(model.params, spec)
+  patches = "vit/embeddings/patch_embeddings/projection/kernel"
+  assert table[patches][1:3] == (ORTH, "1 x 192 x 32")  # (8, 8, 3, 32)
+  # (1, 1, 32), concatenated in front of the patches: a vector
+  assert table["vit/embeddings/cls_token"][1:] == (
+    "adam",
+    "-",
+    "used only through concatenate, a vector",
+  )
+  assert table["classifier/kernel"][3].startswith("output head")
+  dense = {k for k, v in table.items() if v[1] == ORTH and k != patches}
+  assert len(dense) == 6 and all(table[k][3] == DOT for k in dense)
+  matrices = {k: _same() for k in dense}
+  check_updates(model.params, spec, matrices | {patches: reshaped(192, E)})
