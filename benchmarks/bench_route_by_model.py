@@ -4,8 +4,9 @@ For each model, in one run: the time of ``jax.make_jaxpr`` of one forward
 pass (the trace route_by_model needs), and of ``route_by_model`` (trace and
 read), best of ``--repeats``, each repeat on a new function so that no trace
 is reused from jax's cache; their ratio is the reader's overhead. Inputs
-and parameters are abstract (``jax.ShapeDtypeStruct``), so nothing is
-allocated at model size.
+and parameters are abstract (``jax.ShapeDtypeStruct``); the peak RSS of the
+whole run, printed beside the parameter bytes of the largest model, shows
+that nothing is allocated at model size.
 
 Models: a scan-stacked Flax NNX transformer (``--layers`` layers, width
 ``--width``, one ``nnx.scan``), the same with ``per_head=True``, and Hugging
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import resource
 import time
 import warnings
 
@@ -79,7 +82,7 @@ def best(fn, repeats: int) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layers", type=int, default=24)
-  parser.add_argument("--width", type=int, default=1024)
+  parser.add_argument("--width", type=int, default=4096)
   parser.add_argument("--hf-layers", type=int, default=12)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
@@ -124,12 +127,20 @@ def main():
     )
     rows.append((f"Hugging Face Flax GPT-2, {args.hf_layers} layers", trace, read))
 
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print("| model | make_jaxpr (s) | route_by_model (s) | ratio |")
   print("|---|---|---|---|")
   for name, trace, read in rows:
     print(f"| {name} | {trace:.3f} | {read:.3f} | {read / trace:.1f} |")
+  print(
+    f"peak RSS of the whole run: {peak_mb:.0f} MB; the scanned transformer has "
+    f"{n_params / 1e9:.2f}B parameters ({n_params * 4 / 2**20:.0f} MB in float32)"
+  )
   if args.out:
     result = {
+      "peak_rss_mb": peak_mb,
+      "scanned_transformer_params": n_params,
       "machine": f"{platform.machine()} {platform.processor()}, "
       f"{jax.devices()[0].device_kind}",
       "jax": jax.__version__,

@@ -1,34 +1,15 @@
 """Routing read from what the model computes.
 
-:func:`route_by_model` traces one forward pass of the model to a jaxpr (with
-abstract inputs: nothing is computed) and follows every parameter leaf to
-where it is used:
-
-* layout-only operations (transpose, reshape, broadcast, squeeze, dtype
-  conversion, static slices and splits, ``jit`` / ``remat`` / ``custom_jvp`` /
-  ``custom_vjp`` calls, ``cond`` / ``while`` bodies and ``scan``, which slices
-  stacked leaves) carry the leaf's axes along;
-* a ``dot_general`` (every matmul and einsum) makes the axes it contracts the
-  leaf's fan-in, its free axes the fan-out, and the axes the dot batches, or
-  that ``scan`` or an index selects, batch axes: one matrix each;
-* a ``conv_general_dilated`` makes the kernel's input-feature and spatial
-  axes the fan-in and its output features the fan-out; each of
-  ``feature_group_count > 1`` groups is a matrix of its own, and a depthwise
-  kernel (one input channel per group) goes to Adam;
-* a ``gather`` (a table lookup) makes the leaf an embedding (Adam), also when
-  the table is used again in a dot (a tied output head);
-* a leaf used only elementwise (a scale, a bias, a gate) goes to Adam.
-
-Where a projection's output is split or sliced along an axis that comes from
-the leaf (a fused QKV or gate/up kernel, stacked k/v), each block is its own
-matrix. With ``per_head=True``, an axis of the leaf that becomes the batch
-axis of an attention product (``q k^T``, ``p v``), or meets one in the output
-projection, is a batch axis: one matrix per head.
-
-An output head is a projection whose output reaches the model's output
-without passing through another projection or being added into a residual
-stream; every head goes to Adam. ``docs/routing.md`` gives the full table of
-readings and what the reader cannot decide.
+:func:`route_by_model` traces one forward pass to a jaxpr (abstract inputs;
+nothing is computed) and interprets it abstractly: each traced value carries,
+per axis, the digits of the parameter axes it came from (``_Atom``), moved
+along by layout operations, ``scan``/``while``/``cond`` and calls. Each use
+of a parameter is recorded (a ``dot_general`` or convolution with the role of
+each digit, a ``gather``, an elementwise use, a slice of its output that
+enters another product, an attention batch axis), and ``_read_leaf`` turns
+a leaf's uses into its dimension numbers. Output heads are the projections
+whose output reaches the model's output without another projection or a
+residual sum in between. ``docs/routing.md`` gives the table of readings.
 """
 
 from __future__ import annotations
@@ -145,21 +126,6 @@ class _Use(NamedTuple):
   kind: str  # "dot", "conv", "gather", "elementwise", "opaque", "range", "head"
   roles: tuple = ()  # ((atom, role), ...) for dot / conv; (atom,) for range / head
   what: str = ""  # the primitive, or a note
-  where: str = ""
-
-
-def _where(eqn) -> str:
-  try:
-    from jax._src import source_info_util
-
-    frame = source_info_util.user_frame(eqn.source_info.traceback)
-  except Exception:
-    return ""
-  if frame is None:
-    return ""
-  return (
-    f"{frame.file_name.rsplit('/', 1)[-1]}:{frame.start_line} ({frame.function_name})"
-  )
 
 
 class _Reader:
@@ -178,18 +144,18 @@ class _Reader:
       return [_blank(n) for n in shape]
     return list(info.axes)
 
-  def _note(self, info: _Info, kind: str, what: str, where: str) -> None:
+  def _note(self, info: _Info, kind: str, what: str) -> None:
     if info.leaf is not None:
-      self.uses[info.leaf].add(_Use(kind, (), what, where))
+      self.uses[info.leaf].add(_Use(kind, (), what))
 
-  def _consume(self, info: _Info, var, where: str) -> None:
+  def _consume(self, info: _Info, var) -> None:
     """A computed value enters a product: where it holds a slice of a leaf's
     output (a block of a fused projection), that slice is a block."""
     if info.leaf is not None:
       return
     for a in [*itertools.chain(*self._axes(info, var)), *info.fixed]:
       if a.src >= 0 and a.extent < a.size:
-        self.uses[a.src].add(_Use("range", (a,), "slice", where))
+        self.uses[a.src].add(_Use("range", (a,), "slice"))
 
   # The walk ----------------------------------------------------------------
 
@@ -242,7 +208,7 @@ class _Reader:
   def _generic(self, eqn, ins: list[_Info]) -> list[_Info]:
     """Elementwise operations, reductions and everything not listed: the
     result depends on all inputs; a leaf in it is used elementwise."""
-    name, where = eqn.primitive.name, _where(eqn)
+    name = eqn.primitive.name
     act = any(i.act for i in ins)
     param = any(i.param for i in ins)
     flags = frozenset().union(*(i.flags for i in ins))
@@ -272,13 +238,13 @@ class _Reader:
       src = max(full, key=own)
       for i in ins:
         if i.leaf is not None and i.leaf != src.leaf:
-          self._note(i, "elementwise", name, where)
+          self._note(i, "elementwise", name)
       return [src._replace(param=True)]
     kind = (
       "elementwise" if (shape_kept or name.startswith(("reduce_", "arg"))) else "opaque"
     )
     for i in ins:
-      self._note(i, kind, name, where)
+      self._note(i, kind, name)
     axes = None
     if shape_kept:
       carriers = [
@@ -304,23 +270,23 @@ class _Reader:
     axes = self._axes(ins[0], eqn.invars[0])
     return [self._moved(ins[0], [axes[p] for p in eqn.params["permutation"]])]
 
-  def _reshape_to(self, info, var, shape, where):
+  def _reshape_to(self, info, var, shape):
     axes = self._axes(info, var)
     flat = [a for ax in axes for a in ax]
     fixed = [a for a in flat if a.extent == 1 and a.src >= 0]
     groups = _regroup(flat, shape)
     if groups is None:
-      self._note(info, "opaque", "reshape that cuts a digit unevenly", where)
+      self._note(info, "opaque", "reshape that cuts a digit unevenly")
       return info._replace(leaf=None, axes=None)
     return self._moved(info, groups, fixed)
 
   def _p_reshape(self, eqn, ins):
     shape = tuple(eqn.outvars[0].aval.shape)
-    return [self._reshape_to(ins[0], eqn.invars[0], shape, _where(eqn))]
+    return [self._reshape_to(ins[0], eqn.invars[0], shape)]
 
   def _p_squeeze(self, eqn, ins):
     shape = tuple(eqn.outvars[0].aval.shape)
-    return [self._reshape_to(ins[0], eqn.invars[0], shape, _where(eqn))]
+    return [self._reshape_to(ins[0], eqn.invars[0], shape)]
 
   def _p_expand_dims(self, eqn, ins):
     return self._p_squeeze(eqn, ins)
@@ -337,7 +303,7 @@ class _Reader:
         fixed += [a for a in axes[k] if a.src >= 0]
     return [self._moved(info, out, fixed)]
 
-  def _sliced(self, info, var, bounds, where):
+  def _sliced(self, info, var, bounds):
     """``info`` with each axis restricted to ``bounds[k] = (start, stop)``."""
     axes, new = self._axes(info, var), []
     for ax, (start, stop), n in zip(axes, bounds, var.aval.shape, strict=True):
@@ -346,7 +312,7 @@ class _Reader:
         continue
       inner = math.prod(a.extent for a in ax[1:])
       if not ax or start % inner or stop % inner:
-        self._note(info, "opaque", "slice across digits", where)
+        self._note(info, "opaque", "slice across digits")
         return info._replace(leaf=None, axes=None)
       a = ax[0]
       a = a._replace(lo=a.lo + start // inner, hi=a.lo + stop // inner)
@@ -359,7 +325,7 @@ class _Reader:
     bounds = list(
       zip(eqn.params["start_indices"], eqn.params["limit_indices"], strict=True)
     )
-    return [self._sliced(ins[0], eqn.invars[0], bounds, _where(eqn))]
+    return [self._sliced(ins[0], eqn.invars[0], bounds)]
 
   def _p_split(self, eqn, ins):
     axis, outs, start = eqn.params["axis"], [], 0
@@ -367,7 +333,7 @@ class _Reader:
     for size in eqn.params["sizes"]:
       bounds = [(0, n) for n in shape]
       bounds[axis] = (start, start + size)
-      outs.append(self._sliced(ins[0], eqn.invars[0], bounds, _where(eqn)))
+      outs.append(self._sliced(ins[0], eqn.invars[0], bounds))
       start += size
     return outs
 
@@ -387,14 +353,14 @@ class _Reader:
         fixed += [a for a in ax if a.src >= 0]
         new.append(())
       else:
-        self._note(info, "opaque", "dynamic_slice", _where(eqn))
+        self._note(info, "opaque", "dynamic_slice")
         return [info._replace(leaf=None, axes=None)]
     out = self._moved(info, new, fixed)
     return [out._replace(act=out.act or any(i.act for i in ins[1:]))]
 
   def _p_concatenate(self, eqn, ins):
     for i in ins:
-      self._note(i, "opaque", "concatenate", _where(eqn))
+      self._note(i, "opaque", "concatenate")
     out = self._generic_blank(eqn, ins)[0]
     axes = [self._axes(i, v) for i, v in zip(ins, eqn.invars, strict=True)]
     dim = eqn.params["dimension"]
@@ -422,9 +388,9 @@ class _Reader:
     ]
 
   def _p_gather(self, eqn, ins):
-    table, where = ins[0], _where(eqn)
+    table = ins[0]
     if table.leaf is not None:
-      self.uses[table.leaf].add(_Use("gather", (), "gather", where))
+      self.uses[table.leaf].add(_Use("gather", (), "gather"))
       return [_Info(None, None, (), True, True, frozenset())]
     return self._generic_blank(eqn, ins)
 
@@ -437,7 +403,6 @@ class _Reader:
     contract,
     batch,
     what,
-    where,
     other=None,
     ovar=None,
     ocontract=(),
@@ -448,13 +413,13 @@ class _Reader:
       role = "in" if k in contract else "batch" if k in batch else "out"
       roles += [(a, "batch" if a.extent == 1 else role) for a in ax if a.src >= 0]
     roles += [(a, "batch") for a in w.fixed]
-    self.uses[w.leaf].add(_Use(what, tuple(roles), what, where))
+    self.uses[w.leaf].add(_Use(what, tuple(roles), what))
     if other is not None:  # attention heads met in the contraction
       oaxes = self._axes(other, ovar)
       for k, ok in zip(contract, ocontract, strict=True):
-        self._heads_met(list(axes[k]), list(oaxes[ok]), where)
+        self._heads_met(list(axes[k]), list(oaxes[ok]))
 
-  def _heads_met(self, mine: list[_Atom], theirs: list[_Atom], where: str) -> None:
+  def _heads_met(self, mine: list[_Atom], theirs: list[_Atom]) -> None:
     """Marks the digits of ``mine`` aligned with head digits of ``theirs``."""
     if not any(a.src == HEAD for a in theirs):
       return
@@ -465,24 +430,19 @@ class _Reader:
       if a.src == HEAD:
         for g in group:
           if g.src >= 0:
-            self.uses[g.src].add(_Use("head", (g,), "head", where))
+            self.uses[g.src].add(_Use("head", (g,), "head"))
 
   def _p_dot_general(self, eqn, ins):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = ins
     lv, rv = eqn.invars
-    where = _where(eqn)
     weights = [i for i in (lhs, rhs) if i.leaf is not None and not i.act]
     if lhs.leaf is not None and not lhs.act:
-      self._record(
-        lhs, lv, lc, lb, "dot", where, rhs if rhs.leaf is None else None, rv, rc
-      )
+      self._record(lhs, lv, lc, lb, "dot", rhs if rhs.leaf is None else None, rv, rc)
     if rhs.leaf is not None and not rhs.act:
-      self._record(
-        rhs, rv, rc, rb, "dot", where, lhs if lhs.leaf is None else None, lv, lc
-      )
-    self._consume(lhs, lv, where)
-    self._consume(rhs, rv, where)
+      self._record(rhs, rv, rc, rb, "dot", lhs if lhs.leaf is None else None, lv, lc)
+    self._consume(lhs, lv)
+    self._consume(rhs, rv)
     la, ra = self._axes(lhs, lv), self._axes(rhs, rv)
     attention = not weights and lhs.act and rhs.act and lhs.param and rhs.param
     out_batch = []
@@ -491,7 +451,7 @@ class _Reader:
       if attention and any(a.src >= 0 for a in la[i] + ra[j]):
         for a in la[i] + ra[j]:
           if a.src >= 0:
-            self.uses[a.src].add(_Use("head", (a,), "head", where))
+            self.uses[a.src].add(_Use("head", (a,), "head"))
         atoms = (_Atom(HEAD, 0, 1, lv.aval.shape[i], 0, lv.aval.shape[i]),)
       out_batch.append(atoms)
     free = lambda axes, c, b: [
@@ -507,7 +467,6 @@ class _Reader:
 
   def _p_conv_general_dilated(self, eqn, ins):
     lhs, rhs = ins
-    where = _where(eqn)
     dn = eqn.params["dimension_numbers"]
     out_dim, in_dim, *spatial = dn.rhs_spec
     groups = eqn.params.get("feature_group_count", 1)
@@ -515,17 +474,17 @@ class _Reader:
     if rhs.leaf is not None and not rhs.act:
       shape = eqn.invars[1].aval.shape
       if groups > 1 and shape[in_dim] == 1:
-        self.uses[rhs.leaf].add(_Use("depthwise", (), "conv_general_dilated", where))
+        self.uses[rhs.leaf].add(_Use("depthwise", (), "conv_general_dilated"))
       else:
-        self._record(rhs, eqn.invars[1], (in_dim, *spatial), (), "conv", where)
+        self._record(rhs, eqn.invars[1], (in_dim, *spatial), (), "conv")
         if groups > 1:
           for a in self._axes(rhs, eqn.invars[1])[out_dim][:1]:
             step = a.extent // groups if a.extent % groups == 0 else 0
             for g in range(groups if step else 0):
               piece = a._replace(lo=a.lo + g * step, hi=a.lo + (g + 1) * step)
-              self.uses[rhs.leaf].add(_Use("range", (piece,), "feature groups", where))
+              self.uses[rhs.leaf].add(_Use("range", (piece,), "feature groups"))
     self.feeds |= lhs.flags
-    self._consume(lhs, eqn.invars[0], where)
+    self._consume(lhs, eqn.invars[0])
     flags = frozenset([rhs.leaf]) if rhs.leaf is not None and lhs.act else frozenset()
     return [_Info(None, None, (), lhs.act, True, flags)]
 

@@ -524,7 +524,7 @@ class Decision(NamedTuple):
     dimension_numbers: the leaf's ``MuonDimensionNumbers``, or ``None`` for
       the Adam fallback.
     why: the reason, as :func:`routing_table` prints it (the rule, name
-      pattern, module type or shape that decided).
+      pattern, operation or shape that decided).
     guessed: ``True`` when nothing but the leaf's shape decided (a 2-D leaf
       with no matrix name, a rank >= 3 leaf no rule covers): reported by a
       :class:`RoutingWarning`, or an error with ``strict=True``.
@@ -929,7 +929,7 @@ def routing_table(
 
   Columns: the leaf's :func:`leaf_name`, its shape, its branch
   (``orthogonal`` or ``adam``), its matrices (``batch x fan_in x fan_out``),
-  and why (the rule, name pattern, module type or shape that decided it;
+  and why (the rule, name pattern, operation or shape that decided it;
   see :class:`Decision`).
   """
   spec = resolve_spec(weight_dimension_numbers)
