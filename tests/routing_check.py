@@ -57,7 +57,7 @@ def adamw_updates(params, steps=2):
   tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, nesterov=True)
   state, out = tx.init(params), []
   for t in range(steps):
-    updates, state = tx.update(random_like(params, seed=t), state, params)
+    updates, state = jax.jit(tx.update)(random_like(params, seed=t), state, params)
     out.append(flat(updates))
   return out
 
@@ -114,3 +114,14 @@ def viewed(view, perm, mat_shape):
 def matrices_column(params, spec):
   """``{path: (branch, matrices)}``: the table without its why column."""
   return {k: v[1:3] for k, v in rows(params, spec).items()}
+
+
+def abstract_nnx(make):
+  """An NNX model built abstractly (``nnx.eval_shape``: no initializer runs
+  or compiles), its ``nnx.Param`` state, and random parameters of its shapes
+  (routing and the update checks need only the shapes)."""
+  from flax import nnx
+
+  model = nnx.eval_shape(make)
+  state = nnx.state(model, nnx.Param)
+  return model, state, random_like(nnx.as_pure(state), seed=9)

@@ -23,6 +23,7 @@ from optax_orth import MuonDimensionNumbers as DN
 from optax_orth import SplitDimensionNumbers as SplitDN
 from tests import routing_models as rm
 from tests.routing_check import (
+  abstract_nnx,
   check_updates,
   matrices_column,
   random_like,
@@ -38,6 +39,20 @@ E, V = 32, 50  # the hidden size and vocabulary of the Hugging Face models
 ORTH, ADAM = "orthogonal", ("adam", "-")
 DOT = "dot_general: fan-in axis 0, fan-out axis 1"
 TRANSPOSE = (lambda x: x.T[None], lambda m: m[0].T)  # one matrix stored (out, in)
+
+
+def _abstract(make):
+  model, _, params = abstract_nnx(make)
+  return model, params
+
+
+def _hugging_face(cls, config):
+  """A Hugging Face Flax model without its random init, and random
+  parameters of its shapes (passed to route_by_model as params=)."""
+  model = cls(config, _do_init=False)
+  init = lambda key: model.init_weights(key, model.input_shape)
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return model, random_like(shapes, seed=9)
 
 
 def _same():
@@ -164,8 +179,8 @@ def _llama_config():
 
 
 def test_llama_per_head_with_grouped_kv():
-  model = transformers.FlaxLlamaForCausalLM(_llama_config(), seed=0)
-  spec = optax_orth.route_by_model(model, IDS, per_head=True)
+  model, params = _hugging_face(transformers.FlaxLlamaForCausalLM, _llama_config())
+  spec = optax_orth.route_by_model(model, IDS, params=params, per_head=True)
   a, m = "model/layers/0/self_attn/", "model/layers/0/mlp/"
   expected = {
     "lm_head/kernel": ADAM,
@@ -181,8 +196,8 @@ def test_llama_per_head_with_grouped_kv():
     "model/layers/0/post_attention_layernorm/weight": ADAM,
     "model/norm/weight": ADAM,
   }
-  assert matrices_column(model.params, spec) == expected
-  assert rows(model.params, spec)["lm_head/kernel"][3].startswith("output head")
+  assert matrices_column(params, spec) == expected
+  assert rows(params, spec)["lm_head/kernel"][3].startswith("output head")
   matrices = {
     a + "q_proj/kernel": viewed((E, 4, 8), (1, 0, 2), (E, 8)),
     a + "k_proj/kernel": viewed((E, 2, 8), (1, 0, 2), (E, 8)),
@@ -191,13 +206,13 @@ def test_llama_per_head_with_grouped_kv():
   }
   matrices |= {m + n: _same() for n in ("gate_proj/kernel", "up_proj/kernel")}
   matrices[m + "down_proj/kernel"] = _same()
-  check_updates(model.params, spec, matrices)
+  check_updates(params, spec, matrices)
 
 
 def test_a_headless_llama_trunk_has_no_head():
-  model = transformers.FlaxLlamaModel(_llama_config(), seed=0)
-  spec = optax_orth.route_by_model(model, IDS)
-  table = matrices_column(model.params, spec)
+  model, params = _hugging_face(transformers.FlaxLlamaModel, _llama_config())
+  spec = optax_orth.route_by_model(model, IDS, params=params)
+  table = matrices_column(params, spec)
   assert table["layers/0/mlp/down_proj/kernel"] == (ORTH, "1 x 48 x 32")
   assert table["layers/0/self_attn/k_proj/kernel"] == (ORTH, "1 x 32 x 16")
   assert [k for k, v in table.items() if v == ADAM] == [
@@ -211,11 +226,11 @@ def test_a_headless_llama_trunk_has_no_head():
 @pytest.mark.parametrize("per_head", [False, True])
 def test_bloom_interleaved_qkv(per_head):
   config = transformers.BloomConfig(vocab_size=V, hidden_size=E, n_layer=1, n_head=4)
-  model = transformers.FlaxBloomForCausalLM(config, seed=0)
-  spec = optax_orth.route_by_model(model, IDS, per_head=per_head)
+  model, params = _hugging_face(transformers.FlaxBloomForCausalLM, config)
+  spec = optax_orth.route_by_model(model, IDS, params=params, per_head=per_head)
   # Bloom's fused kernel (32, 96): output index = (head, q/k/v, head dim).
   h = "transformer/h/0/"
-  table = matrices_column(model.params, spec)
+  table = matrices_column(params, spec)
   qkv = h + "self_attention/query_key_value/kernel"
   assert table[qkv] == (ORTH, "12 x 32 x 8" if per_head else "3 x 32 x 32")
   assert table["transformer/word_embeddings/embedding"] == ADAM
@@ -230,7 +245,7 @@ def test_bloom_interleaved_qkv(per_head):
     matrices[h + "self_attention/dense/kernel"] = _same()
   for name in ("dense_h_to_4h", "dense_4h_to_h"):
     matrices[f"{h}mlp/{name}/kernel"] = _same()
-  check_updates(model.params, spec, matrices)
+  check_updates(params, spec, matrices)
 
 
 def test_gpt_neo_local_and_global_attention():
@@ -243,8 +258,9 @@ def test_gpt_neo_local_and_global_attention():
     max_position_embeddings=16,
     window_size=4,
   )
-  model = transformers.FlaxGPTNeoForCausalLM(config, seed=0)
-  table = matrices_column(model.params, optax_orth.route_by_model(model, IDS))
+  model, params = _hugging_face(transformers.FlaxGPTNeoForCausalLM, config)
+  spec = optax_orth.route_by_model(model, IDS, params=params)
+  table = matrices_column(params, spec)
   for i in range(2):
     a, m = f"transformer/h/{i}/attn/attention/", f"transformer/h/{i}/mlp/"
     for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -298,11 +314,10 @@ def test_equinox_transformer(per_head):
 @pytest.mark.parametrize("fused", [False, True], ids=["stacked_kv", "fused_qkv"])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_einsum_attention_with_stacked_projections(fused, per_head):
-  model = rm.EinsumLM(fused, nnx.Rngs(0))
+  model, params = _abstract(lambda: rm.EinsumLM(fused, nnx.Rngs(0)))
   spec = optax_orth.route_by_model(
     model, jnp.zeros((2, 5), jnp.int32), per_head=per_head
   )
-  params = nnx.state(model, nnx.Param)
   D, N, K, HD, FF = rm.D, rm.N, rm.K, rm.HD, rm.FF
   expected = {
     "embed/embedding": ADAM,  # the lookup and the tied head
@@ -343,7 +358,7 @@ def test_einsum_attention_with_stacked_projections(fused, per_head):
       if per_head
       else viewed((N, D, HD), (1, 0, 2), (D, N * HD))
     )
-  check_updates(nnx.as_pure(params), spec, matrices)
+  check_updates(params, spec, matrices)
 
 
 @pytest.mark.parametrize("kind", ["rnn", "scan", "linen"])
@@ -351,11 +366,11 @@ def test_recurrent_input_projection_is_hidden(kind):
   x = jnp.zeros((2, 7, 3))
   if kind == "linen":
     model = rm.LinenRecurrent()
-    params = model.init(jax.random.key(0), x)["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    params = random_like(shapes, seed=9)
     cell = {"SimpleCell_0/h/kernel", "SimpleCell_0/i/kernel"}
   else:
-    model = rm.RecurrentNet(kind, nnx.Rngs(0))
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    model, params = _abstract(lambda: rm.RecurrentNet(kind, nnx.Rngs(0)))
     cell = (
       {"rnn/cell/dense_h/kernel", "rnn/cell/dense_i/kernel"}
       if kind == "rnn"
@@ -370,9 +385,8 @@ def test_recurrent_input_projection_is_hidden(kind):
 
 
 def test_grouped_convolution_is_one_matrix_per_group_and_depthwise_is_adam():
-  model = rm.GroupedConvNet(nnx.Rngs(0))
+  model, params = _abstract(lambda: rm.GroupedConvNet(nnx.Rngs(0)))
   spec = optax_orth.route_by_model(model, jnp.zeros((2, 6, 6, 3)))
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
   table = rows(params, spec)
   assert table["stem/kernel"][1:3] == (ORTH, "1 x 27 x 8")
   assert table["grouped/kernel"][1:3] == (ORTH, "2 x 36 x 4")
@@ -392,9 +406,8 @@ def test_grouped_convolution_is_one_matrix_per_group_and_depthwise_is_adam():
 
 
 def test_two_heads_both_go_to_adam():
-  model = rm.TwoHeads(nnx.Rngs(0))
-  spec = optax_orth.route_by_model(model, jnp.zeros((2, 6)))
-  table = rows(nnx.state(model, nnx.Param), spec)
+  model, params = _abstract(lambda: rm.TwoHeads(nnx.Rngs(0)))
+  table = rows(params, optax_orth.route_by_model(model, jnp.zeros((2, 6))))
   assert {k for k, v in table.items() if v[1] == ORTH} == {
     "trunk1/kernel",
     "trunk2/kernel",
@@ -404,7 +417,10 @@ def test_two_heads_both_go_to_adam():
 
 
 def test_the_spec_fits_the_pure_dict_and_nnx_optimizer_trains_with_it():
-  model = rm.EinsumLM(True, nnx.Rngs(0))
+  model, params = _abstract(lambda: rm.EinsumLM(True, nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: 0.3 * x, params))
+  nnx.update(model, state)  # random weights, without the initializers' compiles
   tokens = jnp.ones((2, 5), jnp.int32)
   spec = optax_orth.route_by_model(model, tokens, per_head=True)
   state = nnx.state(model, nnx.Param)
@@ -417,11 +433,14 @@ def test_the_spec_fits_the_pure_dict_and_nnx_optimizer_trains_with_it():
     logits = model(tokens)
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 1])
 
-  before = loss(model)
-  for _ in range(3):
-    grads = nnx.grad(loss)(model)
+  @nnx.jit
+  def step(model, optimizer):
+    value, grads = nnx.value_and_grad(loss)(model)
     optimizer.update(model, grads)
-  assert np.isfinite(float(loss(model))) and loss(model) < before
+    return value
+
+  losses = [float(step(model, optimizer)) for _ in range(4)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 def test_vit_patch_convolution_and_a_learned_class_token():
@@ -434,11 +453,11 @@ def test_vit_patch_convolution_and_a_learned_class_token():
     patch_size=8,
     num_labels=3,
   )
-  model = transformers.FlaxViTForImageClassification(config, seed=0)
+  model, params = _hugging_face(transformers.FlaxViTForImageClassification, config)
   with warnings.catch_warnings():
     warnings.simplefilter("error", optax_orth.RoutingWarning)  # nothing to report
-    spec = optax_orth.route_by_model(model, jnp.zeros((1, 3, 16, 16)))
-  table = rows(model.params, spec)
+    spec = optax_orth.route_by_model(model, jnp.zeros((1, 3, 16, 16)), params=params)
+  table = rows(params, spec)
   patches = "vit/embeddings/patch_embeddings/projection/kernel"
   assert table[patches][1:3] == (ORTH, "1 x 192 x 32")  # (8, 8, 3, 32)
   # (1, 1, 32), concatenated in front of the patches: a vector
@@ -451,4 +470,4 @@ def test_vit_patch_convolution_and_a_learned_class_token():
   dense = {k for k, v in table.items() if v[1] == ORTH and k != patches}
   assert len(dense) == 6 and all(table[k][3] == DOT for k in dense)
   matrices = {k: _same() for k in dense}
-  check_updates(model.params, spec, matrices | {patches: reshaped(192, E)})
+  check_updates(params, spec, matrices | {patches: reshaped(192, E)})
