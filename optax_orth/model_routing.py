@@ -341,7 +341,9 @@ class _Reader:
     """An index chosen at run time (a loop over stacked layers): the digits of
     an axis sliced to one element are batch digits."""
     info, var = ins[0], eqn.invars[0]
-    if info.leaf is not None and any(i.act for i in ins[1:]):
+    by_data = any(i.act for i in ins[1:])
+    sizes = eqn.params["slice_sizes"]
+    if info.leaf is not None and by_data and not _selects_matrices(var, sizes):
       return self._p_gather(eqn, ins)  # a row chosen by the data: a lookup
     axes, new, fixed = self._axes(info, var), [], []
     for ax, size, n in zip(
@@ -356,7 +358,9 @@ class _Reader:
         self._note(info, "opaque", "dynamic_slice")
         return [info._replace(leaf=None, axes=None)]
     out = self._moved(info, new, fixed)
-    return [out._replace(act=out.act or any(i.act for i in ins[1:]))]
+    if info.leaf is not None:  # whole matrices of a stacked leaf: still the leaf
+      return [out]
+    return [out._replace(act=out.act or by_data)]
 
   def _p_concatenate(self, eqn, ins):
     for i in ins:
@@ -388,7 +392,21 @@ class _Reader:
     ]
 
   def _p_gather(self, eqn, ins):
-    table = ins[0]
+    table, var = ins[0], eqn.invars[0]
+    dn = eqn.params.get("dimension_numbers")
+    if table.leaf is not None and hasattr(dn, "offset_dims"):
+      gone = {*dn.collapsed_slice_dims, *getattr(dn, "operand_batching_dims", ())}
+      kept = [d for d in range(var.aval.ndim) if d not in gone]
+      sizes = eqn.params["slice_sizes"]
+      if _selects_matrices(var, sizes, kept):
+        # whole matrices picked by the data (an MoE's top-k experts): the
+        # picked axes are batch axes, the matrices' own axes carry on
+        axes = self._axes(table, var)
+        out = [_blank(n) for n in eqn.outvars[0].aval.shape]
+        for o, d in zip(dn.offset_dims, kept, strict=True):
+          out[o] = axes[d] if sizes[d] == var.aval.shape[d] else ()
+        fixed = [a for d in gone for a in axes[d] if a.src >= 0]
+        return [self._moved(table, out, fixed)]
     if table.leaf is not None:
       self.uses[table.leaf].add(_Use("gather", (), "gather"))
       return [_Info(None, None, (), True, True, frozenset())]
@@ -535,6 +553,15 @@ class _Reader:
         got if outs is None else [_merge(a, b) for a, b in zip(outs, got, strict=True)]
       )
     return outs
+
+
+def _selects_matrices(var, sizes, kept=None) -> bool:
+  """A slice that keeps two or more whole axes (of size > 1) of the operand
+  selects matrices, not rows; every other kept axis is sliced to size 1."""
+  shape = var.aval.shape
+  kept = range(len(shape)) if kept is None else kept
+  whole = [d for d in kept if sizes[d] == shape[d] > 1]
+  return len(whole) >= 2 and all(sizes[d] in (1, shape[d]) for d in kept)
 
 
 def _merge(a: _Info, b: _Info) -> _Info:

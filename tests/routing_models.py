@@ -113,6 +113,32 @@ class TwoHeads(nnx.Module):
     return jax.nn.log_softmax(self.policy(h)), self.value(h)[..., 0]
 
 
+class MoE(nnx.Module):
+  """Experts stacked (E, D, FF) and (E, FF, D): top-1 routing picks each
+  token's expert matrices by the data (a gather); dense routing applies
+  every expert and weighs the outputs."""
+
+  def __init__(self, top1: bool, rngs, experts: int = 4):
+    self.top1 = top1
+    self.router = nnx.Linear(D, experts, rngs=rngs)
+    init = nnx.initializers.lecun_normal()
+    self.w_in = nnx.Param(init(rngs.params(), (experts, D, FF)))
+    self.w_out = nnx.Param(init(rngs.params(), (experts, FF, D)))
+    self.head = nnx.Linear(D, 5, rngs=rngs)
+
+  def __call__(self, x):  # (batch, time, D)
+    logits = self.router(x)
+    if self.top1:
+      expert = jnp.argmax(logits, axis=-1)
+      h = jax.nn.gelu(jnp.einsum("btd,btdf->btf", x, self.w_in[...][expert]))
+      y = jnp.einsum("btf,btfd->btd", h, self.w_out[...][expert])
+    else:
+      h = jax.nn.gelu(jnp.einsum("btd,edf->btef", x, self.w_in[...]))
+      gates = jax.nn.softmax(logits, axis=-1)
+      y = jnp.einsum("btef,efd,bte->btd", h, self.w_out[...], gates)
+    return self.head(x + y)
+
+
 def equinox_transformer(key):
   """A small Equinox transformer (a list of blocks, a separate head)."""
   import equinox as eqx

@@ -471,3 +471,22 @@ def test_vit_patch_convolution_and_a_learned_class_token():
   assert len(dense) == 6 and all(table[k][3] == DOT for k in dense)
   matrices = {k: _same() for k in dense}
   check_updates(params, spec, matrices | {patches: reshaped(192, E)})
+
+
+@pytest.mark.parametrize("top1", [True, False], ids=["top1", "dense"])
+def test_mixture_of_experts(top1):
+  model, params = _abstract(lambda: rm.MoE(top1, nnx.Rngs(0)))
+  spec = optax_orth.route_by_model(model, jnp.zeros((2, 5, rm.D)))
+  table = matrices_column(params, spec)
+  D, FF = rm.D, rm.FF
+  # top-1: each token's expert matrices are picked by the data (a gather of
+  # whole matrices, not a lookup); dense: every expert is applied, so w_in
+  # is one map from D to all experts' FF (see docs/routing.md), while w_out
+  # is batched over the experts
+  assert table["w_in"] == (ORTH, f"4 x {D} x {FF}" if top1 else f"1 x {D} x {4 * FF}")
+  assert table["w_out"] == (ORTH, f"4 x {FF} x {D}")
+  assert table["router/kernel"] == (ORTH, f"1 x {D} x 4")
+  assert table["head/kernel"] == ADAM
+  w_in = reshaped(D, FF) if top1 else viewed((4, D, FF), (1, 0, 2), (D, 4 * FF))
+  matrices = {"w_in": w_in, "w_out": reshaped(FF, D), "router/kernel": _same()}
+  check_updates(params, spec, matrices)
