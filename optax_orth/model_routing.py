@@ -835,7 +835,7 @@ def _override_text(name: str, dn) -> str:
 
 
 def read_model(fn, params, rest, inputs, per_head: bool):
-  """``({leaf name: _Reading}, head notes, ambiguous heads)`` for ``fn``."""
+  """``({leaf name: _Reading}, whether any attention product was found)``."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   names = [routing.leaf_name(p) for p, _ in flat]
   shapes = [tuple(jnp.shape(x)) for _, x in flat]
@@ -863,8 +863,8 @@ def read_model(fn, params, rest, inputs, per_head: bool):
   for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
     r = _read_leaf(shape, reader.uses[i], per_head)
     mats = any(u.kind in ("dot", "conv") for u in reader.uses[i])
-    if i in heads and mats and "gather" not in r.why:
-      if i in reader.feeds:
+    if i in heads and mats and "gather" not in r.why and not r.problem:
+      if i in reader.feeds and r.dimension_numbers is not None:
         r = r._replace(
           why=r.why + "; also reaches the output directly",
           problem="its output reaches the model's output directly and also "

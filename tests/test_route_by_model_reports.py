@@ -228,3 +228,33 @@ def test_linen_with_partitioning_boxes_are_read_and_train():
   s = np.linalg.svd(np.asarray(kernel), compute_uv=False)  # orthogonalized
   assert isinstance(new["Dense_0"]["kernel"], nn.Partitioned)
   assert s.max() / s.min() < 2.0  # a Gaussian 32 x 24 has about 14
+
+
+def test_a_projection_that_is_both_head_and_hidden_is_reported():
+  class Both(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(8, 8, rngs=rngs)
+      self.b = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.a(x)  # returned, and fed to b
+      return h, self.b(nnx.relu(h))
+
+  model, x = Both(nnx.Rngs(0)), jnp.zeros((2, 8))
+  with pytest.warns(optax_orth.RoutingWarning) as record:
+    spec = optax_orth.route_by_model(model, x)
+  (message,) = [str(w.message) for w in _routing_warnings(record)]
+  assert (
+    "leaf 'a/kernel'" in message and "both a hidden layer and an output head" in message
+  )
+  assert "overrides={'^a/kernel$': None}" in message
+  table = rows(nnx.state(model, nnx.Param), spec)
+  assert table["a/kernel"][1:3] == ("orthogonal", "1 x 8 x 8")  # kept, and said
+  assert table["a/kernel"][3].endswith("also reaches the output directly")
+  assert table["b/kernel"][3].startswith("output head")
+  # The override settles it: a head, quietly.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", optax_orth.RoutingWarning)
+    spec = optax_orth.route_by_model(model, x, overrides={r"^a/kernel$": None})
+  assert spec.decisions["a/kernel"].dimension_numbers is not None  # the reading
+  assert rows(nnx.state(model, nnx.Param), spec)["a/kernel"][1] == "adam"
