@@ -108,6 +108,7 @@ class _Info(NamedTuple):
   act: bool = False  # depends on the model's inputs
   param: bool = False  # depends on a parameter
   flags: frozenset = frozenset()  # projections whose output reaches it directly
+  ids: bool = False  # a one-hot: integer inputs compared (eq), moved by layout
 
 
 _CONST = _Info()
@@ -262,7 +263,17 @@ class _Reader:
         a for k, a in enumerate(self._axes(ins[0], eqn.invars[0])) if k not in drop
       ]
       axes = tuple(kept) if len(kept) == len(out_shapes[0]) else None
-    return [_Info(None, axes, (), act, param, flags) for _ in eqn.outvars]
+    ids = (  # a comparison of token ids: a one-hot
+      name == "eq"
+      and act
+      and not param
+      and all(
+        jnp.issubdtype(v.aval.dtype, jnp.integer)
+        for i, v in zip(ins, eqn.invars, strict=True)
+        if i.act
+      )
+    )
+    return [_Info(None, axes, (), act, param, flags, ids) for _ in eqn.outvars]
 
   # Layout ------------------------------------------------------------------
 
@@ -455,9 +466,13 @@ class _Reader:
     lhs, rhs = ins
     lv, rv = eqn.invars
     weights = [i for i in (lhs, rhs) if i.leaf is not None and not i.act]
-    if lhs.leaf is not None and not lhs.act:
+    if lhs.leaf is not None and not lhs.act and rhs.ids:  # a one-hot product
+      self.uses[lhs.leaf].add(_Use("gather", (), "one-hot dot_general"))
+    elif lhs.leaf is not None and not lhs.act:
       self._record(lhs, lv, lc, lb, "dot", rhs if rhs.leaf is None else None, rv, rc)
-    if rhs.leaf is not None and not rhs.act:
+    if rhs.leaf is not None and not rhs.act and lhs.ids:
+      self.uses[rhs.leaf].add(_Use("gather", (), "one-hot dot_general"))
+    elif rhs.leaf is not None and not rhs.act:
       self._record(rhs, rv, rc, rb, "dot", lhs if lhs.leaf is None else None, lv, lc)
     self._consume(lhs, lv)
     self._consume(rhs, rv)
@@ -627,7 +642,8 @@ def _read_leaf(shape, uses: set[_Use], per_head: bool) -> _Reading:
   ops = sorted({u.what for u in uses if u.kind in ("elementwise", "opaque")})
   if "gather" in kinds:
     tied = ", also a dot_general (a tied output head)" if mats else ""
-    return _Reading(None, f"gather (an embedding lookup){tied}")
+    how = sorted(u.what for u in uses if u.kind == "gather")[0]
+    return _Reading(None, f"{how} (an embedding lookup){tied}")
   if "depthwise" in kinds:
     return _Reading(
       None, "conv_general_dilated, depthwise (one input channel per group)"
@@ -863,7 +879,8 @@ def read_model(fn, params, rest, inputs, per_head: bool):
   for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
     r = _read_leaf(shape, reader.uses[i], per_head)
     mats = any(u.kind in ("dot", "conv") for u in reader.uses[i])
-    if i in heads and mats and "gather" not in r.why and not r.problem:
+    lookup = any(u.kind == "gather" for u in reader.uses[i])
+    if i in heads and mats and not lookup and not r.problem:
       if i in reader.feeds and r.dimension_numbers is not None:
         r = r._replace(
           why=r.why + "; also reaches the output directly",

@@ -490,3 +490,28 @@ def test_mixture_of_experts(top1):
   w_in = reshaped(D, FF) if top1 else viewed((4, D, FF), (1, 0, 2), (D, 4 * FF))
   matrices = {"w_in": w_in, "w_out": reshaped(FF, D), "router/kernel": _same()}
   check_updates(params, spec, matrices)
+
+
+def test_a_one_hot_product_is_an_embedding_and_float_features_are_not():
+  def one_hot_lm(params, tokens):  # the embedding as a one-hot matmul, tied
+    x = jax.nn.one_hot(tokens, 20) @ params["embed"]
+    return jnp.tanh(x @ params["hidden"]) @ params["embed"].T
+
+  def time_mlp(params, t):  # sinusoidal features of an integer input
+    features = jnp.sin(t[:, None].astype(jnp.float32) * jnp.arange(1, 9))
+    return jnp.tanh(features @ params["first"]) @ params["head"]
+
+  lm = {"embed": jnp.zeros((20, 8)), "hidden": jnp.zeros((8, 8))}
+  table = rows(lm, optax_orth.route_by_model(one_hot_lm, IDS, params=lm))
+  assert table["embed"][1:] == (
+    "adam",
+    "-",
+    "one-hot dot_general (an embedding lookup), also a dot_general (a tied "
+    "output head)",
+  )
+  assert table["hidden"][1:] == ("orthogonal", "1 x 8 x 8", DOT)
+  mlp = {"first": jnp.zeros((8, 16)), "head": jnp.zeros((16, 3))}
+  t = jnp.zeros((4,), jnp.int32)
+  table = rows(mlp, optax_orth.route_by_model(time_mlp, t, params=mlp))
+  assert table["first"][1:] == ("orthogonal", "1 x 8 x 16", DOT)
+  assert table["head"][3].startswith("output head")
