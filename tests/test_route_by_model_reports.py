@@ -258,3 +258,20 @@ def test_a_projection_that_is_both_head_and_hidden_is_reported():
     spec = optax_orth.route_by_model(model, x, overrides={r"^a/kernel$": None})
   assert spec.decisions["a/kernel"].dimension_numbers is not None  # the reading
   assert rows(nnx.state(model, nnx.Param), spec)["a/kernel"][1] == "adam"
+
+
+def test_each_report_advises_the_keyword_of_its_caller(fresh_default):
+  params = {"blocks": {"w": jnp.zeros((3, 4, 4))}, "embed": jnp.zeros((10, 4))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  reports = {}
+  for name, tx in (
+    ("muon", optax_orth.muon(0.02)),  # optax's rule: muon's own keyword
+    ("namo", optax_orth.namo()),  # route_by_path: weight_dimension_numbers
+  ):
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter("always")
+      tx.update(grads, tx.init(params), params)
+    (reports[name],) = [str(w.message) for w in _routing_warnings(record)]
+  assert "muon_weight_dimension_numbers=optax_orth.route_by_model(" in reports["muon"]
+  assert "Pass weight_dimension_numbers=" not in reports["muon"]
+  assert "Pass weight_dimension_numbers=optax_orth.route_by_model(" in reports["namo"]
