@@ -466,14 +466,16 @@ class _Reader:
     lhs, rhs = ins
     lv, rv = eqn.invars
     weights = [i for i in (lhs, rhs) if i.leaf is not None and not i.act]
-    if lhs.leaf is not None and not lhs.act and rhs.ids:  # a one-hot product
-      self.uses[lhs.leaf].add(_Use("gather", (), "one-hot dot_general"))
-    elif lhs.leaf is not None and not lhs.act:
-      self._record(lhs, lv, lc, lb, "dot", rhs if rhs.leaf is None else None, rv, rc)
-    if rhs.leaf is not None and not rhs.act and lhs.ids:
-      self.uses[rhs.leaf].add(_Use("gather", (), "one-hot dot_general"))
-    elif rhs.leaf is not None and not rhs.act:
-      self._record(rhs, rv, rc, rb, "dot", lhs if lhs.leaf is None else None, lv, lc)
+    sides = ((lhs, lv, lc, lb, rhs, rv, rc), (rhs, rv, rc, rb, lhs, lv, lc))
+    for w, wv, wc, wb, other, ov, oc in sides:
+      if w.leaf is None or w.act:
+        continue
+      if other.ids:  # a product with a one-hot of token ids: a lookup
+        self.uses[w.leaf].add(_Use("gather", (), "one-hot dot_general"))
+      else:
+        self._record(
+          w, wv, wc, wb, "dot", other if other.leaf is None else None, ov, oc
+        )
     self._consume(lhs, lv)
     self._consume(rhs, rv)
     la, ra = self._axes(lhs, lv), self._axes(rhs, rv)
@@ -606,21 +608,19 @@ class _Reading(NamedTuple):
 def _digits(shape, atoms: Sequence[_Atom]):
   """The finest digits of each leaf axis that every atom's bounds respect:
   ``{axis: [(stride, size), ...] outer to inner}``, or ``None``."""
-  out = {}
+  marks = {ax: {1, n} for ax, n in enumerate(shape)}
   cuts: dict = {}
   for a in atoms:
+    marks[a.axis] |= {a.stride, a.stride * a.size}
     if a.extent != a.size:
       cuts.setdefault((a.axis, a.stride, a.size), {0, a.size}).update((a.lo, a.hi))
-  for ax, n in enumerate(shape):
-    marks = {1, n}
-    for a in atoms:
-      if a.axis == ax:
-        marks |= {a.stride, a.stride * a.size}
-    for (axis, stride, _), points in cuts.items():
-      pieces = {q - p for p, q in itertools.pairwise(sorted(points))}
-      if axis == ax and len(pieces) == 1:  # equal blocks: a digit of their own
-        marks.add(stride * pieces.pop())
-    places = sorted(marks)
+  for (axis, stride, _), points in cuts.items():
+    pieces = {q - p for p, q in itertools.pairwise(sorted(points))}
+    if len(pieces) == 1:  # equal blocks: a digit of their own
+      marks[axis].add(stride * pieces.pop())
+  out = {}
+  for ax in range(len(shape)):
+    places = sorted(marks[ax])
     if any(q % p for p, q in itertools.pairwise(places)):
       return None
     out[ax] = [(p, q // p) for p, q in reversed(list(itertools.pairwise(places)))]
@@ -642,7 +642,7 @@ def _read_leaf(shape, uses: set[_Use], per_head: bool) -> _Reading:
   ops = sorted({u.what for u in uses if u.kind in ("elementwise", "opaque")})
   if "gather" in kinds:
     tied = ", also a dot_general (a tied output head)" if mats else ""
-    how = sorted(u.what for u in uses if u.kind == "gather")[0]
+    how = min(u.what for u in uses if u.kind == "gather")  # "gather" first
     return _Reading(None, f"{how} (an embedding lookup){tied}")
   if "depthwise" in kinds:
     return _Reading(

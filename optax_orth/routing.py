@@ -212,9 +212,7 @@ class MatrixLayout(NamedTuple):
     """The blocks' sizes along :attr:`axis` (``()`` for one stack)."""
     return tuple(b.shape[self.axis] for b in self.blocks)
 
-  def to_matrices(self, x: jax.Array) -> jax.Array:
-    """``x`` (the leaf's shape) to ``(batch, fan_in, fan_out)``. A leaf cut
-    into blocks is one stack per block: it raises (use :meth:`map_parts`)."""
+  def _one_stack(self) -> None:
     if self.blocks:
       raise TypeError(
         f"a leaf of shape {self.shape} cut into blocks {self.sizes} along axis "
@@ -222,14 +220,18 @@ class MatrixLayout(NamedTuple):
         "block: use layout.map_parts(fn, x) (or to_matrix_list / "
         "from_matrix_list), with fn(part_layout, x_part)."
       )
+
+  def to_matrices(self, x: jax.Array) -> jax.Array:
+    """``x`` (the leaf's shape) to ``(batch, fan_in, fan_out)``. A leaf cut
+    into blocks is one stack per block: it raises (use :meth:`map_parts`)."""
+    self._one_stack()
     if self.view is not None:
       x = x.reshape(self.view)
     return jnp.transpose(x, self.perm).reshape(self.batch, self.fan_in, self.fan_out)
 
   def from_matrices(self, y: jax.Array) -> jax.Array:
     """Inverse of :meth:`to_matrices`."""
-    if self.blocks:
-      self.to_matrices(y)
+    self._one_stack()
     base = self.shape if self.view is None else self.view
     permuted = tuple(base[i] for i in self.perm)
     inverse = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
