@@ -313,7 +313,7 @@ def namo(
   Composition::
 
     partition(orthogonal=scale_by_norm_adaptive(
-                  orthogonalize_momentum(b1, statistics=True), lr, b1, b2, eps,
+                  orthogonalize_momentum(b1, statistics=True), lr, b2=b2, eps=eps,
                   granularity=granularity,
                   step_size_transform=clamp_diagonal(clamp)),  # if clamp
               adam=adamw)
@@ -386,9 +386,8 @@ def namo(
   orthogonal = transforms.scale_by_norm_adaptive(
     direction,
     learning_rate,
-    b1,
-    b2,
-    eps,
+    b2=b2,
+    eps=eps,
     granularity=granularity,
     step_size_transform=None if clamp is None else transforms.clamp_diagonal(clamp),
     scale_coeff=scale_coeff,
@@ -455,7 +454,7 @@ namo_d = _preset(
   the same composition::
 
     partition(orthogonal=scale_by_norm_adaptive(
-                  orthogonalize_momentum(b1, statistics=True), lr, b1, b2, eps,
+                  orthogonalize_momentum(b1, statistics=True), lr, b2=b2, eps=eps,
                   granularity="input_feature",
                   step_size_transform=clamp_diagonal(clamp)),
               adam=adamw)

@@ -176,10 +176,15 @@ class MomentumStatistics(NamedTuple):
       shape ``(batch, fan_in)``, in :func:`stat_dtype`.
     momentum_sq_norms: ``||Mt[i, :]||^2`` of the direction that was
       orthogonalized, same shape.
+    momentum_bias: the factor by which ``Mt`` still underestimates the
+      gradients' scale: ``1 - beta^t`` of the block's own ``beta``, or ``1``
+      where the block bias-corrects ``Mt`` itself (``bias_correction=True``);
+      ``0`` before the first step. A scalar of the default float dtype.
   """
 
   grad_sq_norms: optax.Updates
   momentum_sq_norms: optax.Updates
+  momentum_bias: jax.Array
 
 
 class OrthogonalizeMomentumState(NamedTuple):
@@ -202,7 +207,11 @@ def _zero_statistics(entries, params) -> MomentumStatistics:
   annotations (their shardings do not fit ``(batch, fan_in)`` arrays)."""
   zeros = [_zeros_per_matrix(lay, x.dtype, lambda p: p.fan_in) for _, x, lay in entries]
   tree = jax.tree.unflatten(sharding_lib.plain_treedef(params), zeros)
-  return MomentumStatistics(grad_sq_norms=tree, momentum_sq_norms=tree)
+  return MomentumStatistics(
+    grad_sq_norms=tree,
+    momentum_sq_norms=tree,
+    momentum_bias=jnp.zeros([], jnp.result_type(float)),
+  )
 
 
 def _momentum_direction(updates, mu, count_inc, beta, nesterov, bias_correction):
@@ -218,6 +227,15 @@ def _momentum_direction(updates, mu, count_inc, beta, nesterov, bias_correction)
   if nesterov:
     return jax.tree.map(lambda m, g: (1 - beta) * g + beta * m, mu, updates)
   return mu
+
+
+def _momentum_bias(beta, count, bias_corrected: bool) -> jax.Array:
+  """``1 - beta^t`` (``1`` for a bias-corrected ``Mt``), a scalar of the
+  default float dtype (float64 under ``jax_enable_x64``)."""
+  dt = jnp.result_type(float)
+  if bias_corrected:
+    return jnp.ones([], dt)
+  return 1 - jnp.asarray(beta, dt) ** count.astype(dt)
 
 
 def orthogonalize_momentum(
@@ -270,7 +288,8 @@ def orthogonalize_momentum(
     adaptive: multiply ``O`` by the dual norm ``<Mt, O>`` (summed over the
       leaf), as ``optax.contrib.muon(adaptive=True)``.
     statistics: also keep, in the state, the :class:`MomentumStatistics` of
-      each step, which :func:`scale_by_norm_adaptive` reads.
+      each step (with this block's bias ``1 - beta^t``), which
+      :func:`scale_by_norm_adaptive` reads.
     weight_dimension_numbers: a dimension-numbers spec (see
       :mod:`optax_orth.routing`; ``None``: the default routing). Every leaf
       this block sees must be a matrix under it.
@@ -345,6 +364,7 @@ def orthogonalize_momentum(
           treedef,
           [row_sq_norms(m, lay) for lay, m in zip(layouts, m_hats, strict=True)],
         ),
+        momentum_bias=_momentum_bias(beta, count_inc, bias_correction),
       )
     new_state = OrthogonalizeMomentumState(
       count=count_inc, mu=optax.tree.cast(mu, mu_dtype), statistics=stats
@@ -594,18 +614,20 @@ def _statistics_of(direction_state) -> MomentumStatistics:
   return found[0]
 
 
-def _norm_adaptive_step_sizes(stats, nu_tree, count, b1, b2, eps, per_feature):
+def _norm_adaptive_step_sizes(stats, nu_tree, count, b2, eps, per_feature):
   """NAMO's ``(v_t, d_t)`` per matrix leaf, from the momentum statistics.
 
   ``v = b2 v + (1 - b2) ||G||^2`` and ``d = sqrt(1 - b2^t) / (1 - b1^t +
-  1e-12) * ||Mt|| / (sqrt(v) + eps)``, summed over the input features when
+  1e-12) * ||Mt|| / (sqrt(v) + eps)``, with ``1 - b1^t`` the momentum's own
+  bias (``stats.momentum_bias``), summed over the input features when
   ``per_feature`` is false. Squared norms saturate at the dtype's largest
   value, so that ``d`` stays finite instead of ``inf / inf``.
   """
 
   def one(g2, m2, nu):
     t = count.astype(nu.dtype)
-    correction = jnp.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
+    bias = stats.momentum_bias.astype(nu.dtype)
+    correction = jnp.sqrt(1 - b2**t) / (bias + 1e-12)
     big = jnp.finfo(nu.dtype).max
     if not per_feature:
       g2, m2 = g2.sum(-1, keepdims=True), m2.sum(-1, keepdims=True)
@@ -693,10 +715,9 @@ def _capped_step(
 def scale_by_norm_adaptive(
   direction: optax.GradientTransformation,
   learning_rate: optax.ScalarOrSchedule,
-  b1: float = 0.95,
+  *,
   b2: float = 0.99,
   eps: float = 1e-8,
-  *,
   granularity: Literal["matrix", "input_feature"] = "matrix",
   step_size_transform: optax.GradientTransformation | None = None,
   scale_coeff: float = 0.2,
@@ -708,7 +729,7 @@ def scale_by_norm_adaptive(
   r"""NAMO's adaptive step: ``direction``'s output times ``lr * d``, capped.
 
   ``direction`` makes the direction ``O`` from the gradients, and must contain
-  ``orthogonalize_momentum(b1, statistics=True)`` (any optax blocks may come
+  ``orthogonalize_momentum(beta, statistics=True)`` (any optax blocks may come
   after it, for example :func:`scale_by_neuron_rms`). Per matrix
   (``granularity="matrix"``, NAMO) or per input feature ``i`` (a row of the
   Flax kernel, ``"input_feature"``, NAMO-D), with ``G`` and ``Mt`` the
@@ -719,7 +740,10 @@ def scale_by_norm_adaptive(
     d_t = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t + 10^{-12}}
           \frac{\|\tilde M_t\|}{\sqrt{v_t} + \epsilon},
 
-  then ``d <- step_size_transform(d)`` (NAMO-D: :func:`clamp_diagonal`), and
+  where ``1 - b_1^t`` is the bias of the momentum, read from the statistics of
+  that block (``b_1`` is its ``beta``, so the two cannot disagree; a block
+  with ``bias_correction=True`` reports ``1``), then ``d <-
+  step_size_transform(d)`` (NAMO-D: :func:`clamp_diagonal`), and
   with ``alpha = lr * d`` and ``s = scale_coeff * sqrt(max(fan_in,
   fan_out))`` the update of a kernel ``K`` is
 
@@ -737,8 +761,6 @@ def scale_by_norm_adaptive(
   Args:
     direction: the transformation that makes ``O`` (see above).
     learning_rate: a float or an optax schedule of the step count.
-    b1: decay of the momentum ``Mt`` came from (bias correction only; the
-      ``beta`` of ``orthogonalize_momentum``).
     b2: decay of the squared-norm EMA, in ``[0, 1)``.
     eps: non-negative term added to ``sqrt(v)``.
     granularity: ``"matrix"`` or ``"input_feature"``.
@@ -804,7 +826,7 @@ def scale_by_norm_adaptive(
     )
     count = optax.safe_increment(state.count)
     nu, raw = _norm_adaptive_step_sizes(
-      _statistics_of(direction_state), state.nu, count, b1, b2, eps, per_feature
+      _statistics_of(direction_state), state.nu, count, b2, eps, per_feature
     )
     d, step_state = step_tx.update(
       raw, state.step_size_state, None, matrix_step_sizes=True

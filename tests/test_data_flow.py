@@ -98,7 +98,6 @@ def _namo(inner, after=()):
     optax_orth.scale_by_norm_adaptive(
       optax.chain(*inner),
       1e-2,
-      0.9,
       granularity="input_feature",
       step_size_transform=optax_orth.clamp_diagonal(0.75),
       weight_decay=0.1,
@@ -144,7 +143,7 @@ def test_generic_block_inside_the_direction_changes_only_the_direction():
   chex.assert_trees_all_close(s0.step_size, s1.step_size)
   # Below the caps and without decay the step is linear in O.
   small = lambda inner: optax_orth.scale_by_norm_adaptive(
-    optax.chain(*inner), 1e-4, 0.9, weight_dimension_numbers=DIMS
+    optax.chain(*inner), 1e-4, weight_dimension_numbers=DIMS
   )
   a = small([NAMO_INNER[0]()])
   b = small([NAMO_INNER[0](), optax.scale(2.0)])
@@ -161,7 +160,6 @@ def test_generic_step_size_transform():
       0.9, statistics=True, weight_dimension_numbers=DIMS
     ),
     1e-2,
-    0.9,
     granularity="input_feature",
     step_size_transform=optax.chain(optax_orth.clamp_diagonal(0.5), optax.scale(0.5)),
     weight_dimension_numbers=DIMS,
