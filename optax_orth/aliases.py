@@ -587,11 +587,12 @@ def adamuon(
   learning_rate: optax.ScalarOrSchedule,
   *,
   b1: float = 0.95,
-  b2: float = 0.999,
+  b2: float | None = None,
   eps: float = 1e-8,
   weight_decay: float = 0.01,
   cautious_weight_decay: bool = False,
   sign_momentum: bool = True,
+  second_moment_bias_correction: bool = False,
   target_rms: float = 0.2,
   nesterov: bool = True,
   ns_coeffs: orth_lib.CoeffsLike = "standard",
@@ -609,7 +610,8 @@ def adamuon(
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaMuon: orthogonalized sign momentum, element-wise second moment, RMS 0.2.
 
-  For each matrix ``K`` (``m x n``):
+  For each matrix ``K`` (``m x n``), with Muon's (Nesterov) momentum
+  ``Mt`` of decay ``b1``:
 
   .. math::
     O_t = \mathrm{NS}(\mathrm{sign}(\tilde M_t)), \quad
@@ -620,9 +622,15 @@ def adamuon(
       + \epsilon} \hat O_t + \lambda K\right),
 
   with ``r = target_rms = 0.2`` (the RMS of a typical Adam step, so that
-  AdamW's learning rate carries over) and Muon's (Nesterov) momentum
-  ``Mt``. ``sign_momentum=False`` orthogonalizes ``Mt`` itself, as the
-  released code does. Composition::
+  AdamW's learning rate carries over). The defaults are the authors' current
+  release (``Chongjie-Si/AdaMuon``, ``gpt2/models/optimizers/adamuon.py`` at
+  commit ``5b99dd0``, 2025-08-19; its Megatron optimizer has the same rule):
+  the sign is taken, ``V`` decays with the momentum's ``b1`` and is not
+  bias-corrected. Their first upload (``adamuon.py`` at ``3b84e03``,
+  2025-07-18) orthogonalizes ``Mt`` itself, with ``b2 = 0.999`` and
+  ``V_t / (1 - b_2^t)`` in place of ``V_t``:
+  ``adamuon(lr, sign_momentum=False, b2=0.999,
+  second_moment_bias_correction=True)`` is that rule. Composition::
 
     partition(orthogonal=chain(orthogonalize_momentum(orthogonalizer=NS o sign),
                                optax.scale_by_rms(b2, eps, eps_in_sqrt=False),
@@ -630,27 +638,45 @@ def adamuon(
                                scale_by_learning_rate),
               adam=adamw)
 
-  The Newton–Schulz, momentum-dtype, routing, AdamW-fallback and sharding
-  options (``ns_*``, ``mu_dtype``, ``weight_dimension_numbers``, ``adam_*``,
-  ``sharding``) mean what they do in :func:`namo`, with the defaults of the
-  signature.
+  The sign makes the direction independent of the gradients' scale: a
+  gradient of ``1e-30`` gets a full-size step, as one of ``1`` does (see
+  ``docs/reliability.md``).
 
   Args:
-    learning_rate: a float or an optax schedule; AdamW's is a good start.
-    b1: momentum decay.
-    b2: decay of the element-wise second moment (``0.999``, the released
-      code's).
-    eps: added to ``sqrt(V)`` and to ``||O_hat||``.
-    weight_decay: decoupled weight decay (times ``lr``; ``0.01``, the released
-      code's).
+    learning_rate: a float or an optax schedule; AdamW's is a good start
+      (the release's default is ``0.02``).
+    b1: momentum decay (``0.95``).
+    b2: decay of the element-wise second moment; ``None`` (default): ``b1``,
+      as the current release. The first upload used ``0.999``.
+    eps: added to ``sqrt(V)`` and to ``||O_hat||`` (``1e-8``).
+    weight_decay: decoupled weight decay (times ``lr``; ``0.01``, the
+      release's).
     cautious_weight_decay: decay only where the update and the weight agree
       in sign (:func:`optax_orth.add_cautious_weight_decay`), in both
       branches.
-    sign_momentum: orthogonalize ``sign(Mt)`` (the paper's sign-stabilized
-      update) or ``Mt``.
+    sign_momentum: orthogonalize ``sign(Mt)`` (the current release and the
+      paper's Algorithm 1) or ``Mt`` (the first upload).
+    second_moment_bias_correction: divide ``V_t`` by ``1 - b2^t`` (the
+      first upload) or not (the current release).
     target_rms: the RMS ``r`` of each matrix's update before the learning
       rate.
     nesterov: Nesterov momentum.
+    ns_coeffs: Newton–Schulz coefficients (a preset name or rows; the
+      release's are ``"standard"``).
+    ns_steps: Newton–Schulz steps (``None``: the preset's, 5).
+    ns_eps: Newton–Schulz normalization epsilon (``1e-7``, the release's).
+    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's; the release
+      runs it in bfloat16).
+    mu_dtype: momentum dtype.
+    weight_dimension_numbers: a dimension-numbers spec (``None``: the
+      default routing, :func:`optax_orth.route_by_path`).
+    adam_learning_rate: the AdamW fallback's learning rate (``None``:
+      ``learning_rate``).
+    adam_b1: AdamW's ``b1``.
+    adam_b2: AdamW's ``b2``.
+    adam_eps: AdamW's ``eps``.
+    adam_weight_decay: AdamW's weight decay.
+    sharding: where each matrix is orthogonalized, as in :func:`namo`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -672,7 +698,12 @@ def adamuon(
       weight_dimension_numbers=spec,
       sharding=sharding,
     ),
-    optax.scale_by_rms(b2, eps, eps_in_sqrt=False),
+    optax.scale_by_rms(
+      b1 if b2 is None else b2,
+      eps,
+      eps_in_sqrt=False,
+      bias_correction=second_moment_bias_correction,
+    ),
     rescale.scale_to_rms(target_rms, eps, weight_dimension_numbers=spec),
     _decay(weight_decay, None, cautious_weight_decay),
     optax.scale_by_learning_rate(learning_rate),

@@ -5,8 +5,9 @@ in float64; the Flax kernel is ``(fan_in, fan_out)``:
 
 * cautious weight decay: Chen et al. 2025 (arXiv 2510.12402), Algorithm 1,
   ``x <- x - eta (u + lambda 1[u x >= 0] x)``; Dion's ``cautious_wd``.
-* AdaMuon: Si et al. 2025 (arXiv 2507.11005 v2), Algorithm 1, and the released
-  ``Chongjie-Si/AdaMuon`` ``adamuon.py``.
+* AdaMuon: Si et al. 2025 (arXiv 2507.11005 v2), Algorithm 1, and both
+  releases of ``Chongjie-Si/AdaMuon`` (``5b99dd0``'s
+  ``gpt2/models/optimizers/adamuon.py``, and the first upload ``3b84e03``).
 * MuonH: Levanter's ``muonh.py`` (``scale_invariant_update``).
 * NorMuon over the larger axis: modded-nanogpt's NorMuon (``red_dim`` is the
   smaller axis, the statistics run along the larger one).
@@ -78,20 +79,40 @@ class CautiousNamo:
 
 
 class AdaMuon:
-  """AdaMuon: sign-stabilized orthogonal momentum, element-wise second moment,
-  RMS-aligned rescaling, decoupled decay."""
+  """AdaMuon, from ``Chongjie-Si/AdaMuon``.
 
-  def __init__(self, lr, b1=0.95, b2=0.999, eps=1e-8, wd=0.0, sign=True, cwd=False):
-    self.lr, self.b2, self.eps, self.wd, self.sign = lr, b2, eps, wd, sign
-    self.cwd, self.mom, self.v = cwd, _Momentum(b1, True), None
+  The current release (``gpt2/models/optimizers/adamuon.py`` at ``5b99dd0``):
+  ``M.lerp_(g, 1 - b1)``; Nesterov ``g.lerp_(M, b1)``; ``O = NS(sign(.))``;
+  ``v = b1 v + (1 - b1) O^2``; ``O / (sqrt(v) + eps)``; times ``0.2
+  sqrt(min * max) / (||.|| + eps)``; ``p *= 1 - lr wd``; ``p -= lr O``.
+  The first upload (``adamuon.py`` at ``3b84e03``): no sign, ``v`` with its
+  own ``beta2`` and divided by ``1 - beta2^t``, and the scale split as
+  ``sqrt(min) / (||.|| + eps)`` and ``0.2 sqrt(max)`` (the same product).
+  ``b2=None`` is the release's ``b1``; ``cwd`` makes the decay cautious.
+  """
+
+  def __init__(
+    self, lr, b1=0.95, b2=None, eps=1e-8, wd=0.0, sign=True, bias2=False, cwd=False
+  ):
+    self.lr, self.eps, self.wd, self.sign = lr, eps, wd, sign
+    self.b2 = b1 if b2 is None else b2
+    self.bias2, self.cwd, self.mom, self.v, self.t = (
+      bias2,
+      cwd,
+      _Momentum(b1, True),
+      None,
+      0,
+    )
 
   def step(self, k, g):
     mt = self.mom(g)
     o = ref.ns(np.sign(mt) if self.sign else mt)
     b2 = self.b2
     self.v = (1 - b2) * o * o if self.v is None else b2 * self.v + (1 - b2) * o * o
-    o = o / (np.sqrt(self.v) + self.eps)
-    o = o * 0.2 * np.sqrt(o.size) / (np.linalg.norm(o) + self.eps)
+    self.t += 1
+    v = self.v / (1 - b2**self.t) if self.bias2 else self.v
+    o = o / (np.sqrt(v) + self.eps)
+    o = o * 0.2 * np.sqrt(min(k.shape) * max(k.shape)) / (np.linalg.norm(o) + self.eps)
     decay = self.wd * (cautious(o, k) if self.cwd else 1.0) * k
     return k - self.lr * (o + decay)
 

@@ -105,7 +105,7 @@ def test_scale_to_rms_gives_each_matrix_the_rms():
   assert not np.any(zero["w"])
 
 
-def _adamuon_chain(lr, b2=0.999, wd=0.0, sign=True):
+def _adamuon_chain(lr, b2=0.95, wd=0.0, sign=True):
   ns = optax_orth.make_newton_schulz("standard", 5, 1e-7)
   orth = (lambda x: ns(jnp.sign(x))) if sign else None
   return optax.chain(
