@@ -123,6 +123,9 @@ def _optax_ns_steps(ns_coeffs, ns_steps: int) -> int | None:
   an error, as in optax.
   """
   validation.check_positive_int("ns_steps", ns_steps)
+  ns_steps, traced = validation.static_or_traced_int("ns_steps", ns_steps)
+  if traced is not None:  # under optax.inject_hyperparams: newton_schulz decides
+    return traced
   if isinstance(ns_coeffs, str):
     preset = orth_lib.PRESETS.get(ns_coeffs)
     rows = 1 if preset is None else len(preset.coeffs)

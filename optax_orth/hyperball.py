@@ -33,19 +33,33 @@ class ScaleByHyperballState(NamedTuple):
 
 
 def _hyperball_step(lay, d, k, lr):
-  """``K' - K`` for one block of a leaf, per matrix, in float32 or wider."""
+  """``K' - K`` for one block of a leaf, per matrix, in float32 or wider.
+
+  Computed as ``K' = ||K|| w / ||w||`` with ``w = (K / ||K|| - lr D / ||D||) /
+  max(1, lr)``: every term of ``w`` is at most 1 in size, so no norm
+  overflows, whatever the (finite) learning rate or the weights' scale.
+  """
   dt = jnp.promote_types(k.dtype, jnp.float32)
   dm, km = lay.to_matrices(d.astype(dt)), lay.to_matrices(k.astype(dt))
-  norm = lambda x: jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
-  k_norm = norm(km)
-  moved = km - lr * _ratio(k_norm, norm(dm), 0.0) * dm
-  moved = moved * _ratio(k_norm, norm(moved), 1.0)
-  return lay.from_matrices(moved - km).astype(d.dtype)
+  k_norm, k_unit = _norm_and_unit(km)
+  d_norm, d_unit = _norm_and_unit(dm)
+  shrink = jnp.maximum(1.0, lr)
+  w = k_unit / shrink - (lr / shrink) * d_unit
+  w_norm, w_unit = _norm_and_unit(w)
+  moved = jnp.where(w_norm > 0, k_norm * w_unit, 0.0)
+  step = jnp.where(d_norm > 0, moved - km, 0.0)  # no direction: exactly no step
+  return lay.from_matrices(step).astype(d.dtype)
 
 
-def _ratio(a, b, default):
-  """``a / b``, and ``default`` where ``b`` is zero."""
-  return jnp.where(b > 0, a / jnp.where(b > 0, b, 1), default)
+def _norm_and_unit(x):
+  """``(||x||, x / ||x||)`` per matrix, without overflow or underflow: ``x`` is
+  first divided by its largest entry. ``(0, 0)`` for a zero matrix; the norm
+  is ``inf`` only where the true norm exceeds the dtype's range."""
+  big = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  safe = jnp.where(big > 0, big, 1)
+  scaled = x / safe
+  n = jnp.linalg.norm(scaled, axis=(-2, -1), keepdims=True)
+  return n * big, jnp.where(n > 0, scaled / jnp.where(n > 0, n, 1), 0)
 
 
 def scale_by_hyperball(
@@ -67,7 +81,8 @@ def scale_by_hyperball(
   ``chain(orthogonalize_momentum(), scale_by_hyperball(lr))`` is MuonH,
   ``chain(optax.scale_by_adam(), scale_by_hyperball(lr))`` AdamH. A zero
   direction gives a zero update; a zero matrix stays zero. Norms are taken in
-  the wider of float32 and the leaf's dtype.
+  the wider of float32 and the leaf's dtype, and are overflow-safe:
+  ``||K'|| = ||K||`` holds for any finite learning rate.
 
   Args:
     learning_rate: ``eta``, a float or an optax schedule: the step as a

@@ -168,6 +168,23 @@ def resolve_coeffs(
   return rows, safety
 
 
+def _traced_steps(coeffs: CoeffsLike, steps):
+  """``(steps, traced)``: a traced step count (``optax.inject_hyperparams``)
+  is returned as ``traced``, with ``steps=1`` to resolve the one coefficient row
+  it repeats; several distinct rows need a static count."""
+  steps, traced = validation.static_or_traced_int("ns_steps", steps)
+  if traced is None:
+    return steps, None
+  rows = np.unique(resolve_coeffs(coeffs)[0], axis=0)
+  if len(rows) > 1:
+    raise ValueError(
+      f"ns_steps arrived traced (optax.inject_hyperparams passes numbers as "
+      f"arrays), but ns_coeffs={coeffs!r} has {len(rows)} distinct rows, which "
+      "need a static count: pass static_args=('ns_steps',) to inject_hyperparams."
+    )
+  return 1, traced
+
+
 def _check_eps(eps) -> None:
   validation.check_non_negative("eps", eps)
 
@@ -366,8 +383,11 @@ def _ns_step(x, a, row, arith: _Arith, symmetric: _Sym) -> jax.Array:
   return row[0] * x.astype(arith.carry) + _dot(b, x, arith)
 
 
-def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: _Sym):
-  """The plain iteration; ``X`` is rounded to the operand dtype between steps."""
+def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: _Sym, count=None):
+  """The plain iteration; ``X`` is rounded to the operand dtype between steps.
+
+  With a traced ``count``, ``rows[0]`` runs ``count`` times in a loop.
+  """
   n = len(rows)
   if first is not None:
     x = _ns_step(first[0], first[1], rows[0], arith, symmetric)
@@ -379,6 +399,9 @@ def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: _Sym):
     y = _ns_step(x, _gram(x, arith, symmetric.gram), row, arith, symmetric)
     return y if last else y.astype(arith.operand)
 
+  if count is not None:
+    left = count - (first is not None)
+    return jax.lax.fori_loop(0, left, lambda _, x: step(x, rows[-1]), x)
   if unroll or n <= 1:
     for i in range(n):
       x = step(x, rows[i], last=i == n - 1)
@@ -529,6 +552,7 @@ def newton_schulz(
       f"newton_schulz needs an array of rank >= 2 (..., m, n); got shape {x.shape}."
     )
   _check_options(preconditioning, method, restart, eps, dtype)
+  steps, traced = _traced_steps(coeffs, steps)
   rows, preset_safety = resolve_coeffs(coeffs, steps)
   safety = preset_safety if safety is None else safety
   in_dtype = x.dtype
@@ -538,8 +562,12 @@ def newton_schulz(
   if x.size == 0:
     return jnp.zeros(x.shape, in_dtype)
   sym = _resolve_symmetric(symmetric, arith.low_precision)
+  if traced is not None:  # one row, repeated a traced number of times
+    method, rows = "plain", np.repeat(rows, 2, axis=0)
   options = dict(preconditioning=preconditioning, method=method, restart=restart)
-  return _iterate(x, rows, safety, eps, arith, sym, unroll, **options).astype(in_dtype)
+  return _iterate(
+    x, rows, safety, eps, arith, sym, unroll, traced_steps=traced, **options
+  ).astype(in_dtype)
 
 
 def _iterate(
@@ -554,6 +582,7 @@ def _iterate(
   preconditioning: str,
   method: str,
   restart: int | None,
+  traced_steps: jax.Array | None = None,
 ) -> jax.Array:
   """The validated :func:`newton_schulz`: transposition, normalization, steps."""
   transposed = x.shape[-2] > x.shape[-1]
@@ -570,7 +599,7 @@ def _iterate(
   if method == "gram":
     x = _gram_iteration(x, coeff_rows, first, restart, arith, unroll, symmetric)
   else:
-    x = _plain(x, coeff_rows, first, arith, unroll, symmetric)
+    x = _plain(x, coeff_rows, first, arith, unroll, symmetric, traced_steps)
   return _transpose(x, arith) if transposed else x
 
 
@@ -637,7 +666,7 @@ def make_newton_schulz(
   ``method``, ``restart`` and ``preconditioning`` are validated here, at
   construction, not at trace time.
   """
-  resolve_coeffs(coeffs, steps)
+  resolve_coeffs(coeffs, _traced_steps(coeffs, steps)[0])
   _check_options(
     kwargs.get("preconditioning", "frobenius"),
     kwargs.get("method", "auto"),

@@ -71,10 +71,14 @@ class QKClipState(NamedTuple):
 
   Attributes:
     scale: per layer, ``gamma`` of each query head at the last step (``1``
-      where the head was under the threshold).
+      where the head was under the threshold or its logit was not finite).
+    nonfinite_count: per layer, int32, for each query head the number of
+      steps whose ``max_logits`` was not finite (``nan`` or ``+-inf``); those
+      steps leave the head's weights as the optimizer moved them.
   """
 
   scale: dict[str, jax.Array]
+  nonfinite_count: dict[str, jax.Array]
 
 
 Targets = Mapping[str, QKClipSlice | Sequence[QKClipSlice]]
@@ -117,9 +121,11 @@ def _check_slice(name: str, shape: tuple, s: QKClipSlice, query_heads: int) -> N
 
 
 def _head_scale(s_max: jax.Array, threshold) -> jax.Array:
-  """``gamma = min(1, tau / S)`` per head; ``1`` for non-positive ``S``."""
-  safe = jnp.where(s_max > threshold, s_max, 1.0)
-  return jnp.where(s_max > threshold, threshold / safe, 1.0)
+  """``gamma = min(1, tau / S)`` per head; ``1`` for ``S <= tau`` and for a
+  non-finite ``S`` (a ``+inf`` would zero the head for good, a ``nan`` says
+  nothing about it)."""
+  clip = jnp.isfinite(s_max) & (s_max > threshold)
+  return jnp.where(clip, threshold / jnp.where(clip, s_max, 1.0), 1.0)
 
 
 def _factor(shape: tuple, s: QKClipSlice, gamma: jax.Array) -> jax.Array:
@@ -148,6 +154,9 @@ def qk_clip(
   of head ``h`` in this step's forward pass, passed as the extra argument
   ``max_logits`` (a mapping from layer name to an array whose last axis is the
   query heads; leading axes, such as a batch axis, are maximized over).
+  A head whose ``S_h`` is not finite (``nan``, ``+-inf``: a diverged or fully
+  masked forward pass) is left unchanged at that step and counted in the
+  state's ``nonfinite_count``.
 
   Args:
     targets: a mapping from leaf names (the ``/``-joined key path, as
@@ -187,7 +196,10 @@ def qk_clip(
 
   def init_fn(params):
     _, heads = resolve(params)
-    return QKClipState(scale={k: jnp.ones((n,), jnp.float32) for k, n in heads.items()})
+    return QKClipState(
+      scale={k: jnp.ones((n,), jnp.float32) for k, n in heads.items()},
+      nonfinite_count={k: jnp.zeros((n,), jnp.int32) for k, n in heads.items()},
+    )
 
   def update_fn(updates, state, params=None, *, max_logits=None, **extra_args):
     del extra_args
@@ -197,7 +209,7 @@ def qk_clip(
         "tx.update(grads, state, params, max_logits={layer: per-head maxima})."
       )
     found, heads = resolve(params)
-    gammas = {}
+    gammas, counts = {}, {}
     for layer, n in heads.items():
       if layer not in max_logits:
         raise ValueError(f"{where}: max_logits has no entry for layer {layer!r}.")
@@ -209,6 +221,9 @@ def qk_clip(
           f"last axis; the targets give {n} query heads."
         )
       gammas[layer] = _head_scale(s_max, threshold)
+      counts[layer] = state.nonfinite_count[layer] + (~jnp.isfinite(s_max)).astype(
+        jnp.int32
+      )
 
     def one(path, u, k):
       slices = found.get(leaf_name(path))
@@ -221,6 +236,6 @@ def qk_clip(
       return (u + (f - 1) * (k + u)).astype(u.dtype)
 
     out = jax.tree_util.tree_map_with_path(one, updates, params)
-    return out, QKClipState(scale=gammas)
+    return out, QKClipState(scale=gammas, nonfinite_count=counts)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

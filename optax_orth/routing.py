@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
 
@@ -359,6 +360,18 @@ def leaf_name(path: Sequence[Any]) -> str:
   return "/".join(_routing_names(path))
 
 
+def _python_ints(value):
+  """NumPy integers (scalars, arrays, or inside tuples) as Python ints, so that
+  ``heads=np.int64(3)`` means what ``heads=3`` does; anything else as is."""
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+    return int(value) if value.ndim == 0 else tuple(int(v) for v in value.ravel())
+  if isinstance(value, tuple | list):
+    return tuple(_python_ints(v) for v in value)
+  return value
+
+
 def _axes(value, ndim: int, what: str, where: str) -> tuple[int, ...]:
   axes = (value,) if isinstance(value, int) else tuple(value)
   if not axes:
@@ -420,6 +433,7 @@ def matrix_layout(
       f"{where}: expected MuonDimensionNumbers, SplitDimensionNumbers or None, "
       f"got {dimension_numbers!r}."
     )
+  dimension_numbers = type(dimension_numbers)(*map(_python_ints, dimension_numbers))
   view = getattr(dimension_numbers, "view", None)
   if view is not None:
     view = _view(shape, view, dimension_numbers, where)

@@ -77,15 +77,32 @@ def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
     )
 
 
+def static_or_traced_int(name: str, value):
+  """``(static, traced)``: ``value`` as a Python int (a concrete integer array
+  is read), or, for a traced integer scalar, ``(None, value)``.
+
+  ``optax.inject_hyperparams`` turns every numeric argument into an array and
+  passes it traced under ``jit``; a step count that arrives so is run as a
+  loop of traced length by the blocks that accept one.
+  """
+  if isinstance(value, jax.Array | np.ndarray):
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f"{name} must be a positive int; got an array {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+      return None, value
+    value = int(value)
+  return value, None
+
+
 def check_positive_int(name: str, value, optional: bool = False) -> None:
-  """``value`` is a positive ``int`` (or ``None`` when ``optional``)."""
+  """``value`` is a positive ``int`` (or ``None`` when ``optional``); an integer
+  array is checked by value, a traced one (``optax.inject_hyperparams``) is
+  accepted (its concrete value was checked when ``init`` ran)."""
   if value is None and optional:
     return
-  if isinstance(value, jax.Array):
-    raise ValueError(
-      f"{name} must be a static int, got an array; under "
-      f"optax.inject_hyperparams pass static_args=({name!r},)."
-    )
+  value, traced = static_or_traced_int(name, value)
+  if traced is not None:
+    return
   if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
     raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
 

@@ -149,9 +149,11 @@ class BehaviourTest(chex.TestCase):
     _assert_float32_close(ours[-1], theirs[-1])
 
   def test_inject_hyperparams(self):
+    """As optax.contrib.muon: no static_args needed; ns_steps arrives traced
+    and runs as a loop of that length, a state edit included."""
     params = _params()
     grads = _grads(params, 3)
-    tx = optax.inject_hyperparams(optax_orth.muon, static_args=("ns_steps",))(
+    tx = optax.inject_hyperparams(optax_orth.muon)(
       learning_rate=0.02, muon_weight_dimension_numbers=DIMS
     )
     plain = optax_orth.muon(0.02, muon_weight_dimension_numbers=DIMS)
@@ -159,14 +161,24 @@ class BehaviourTest(chex.TestCase):
       _trajectory(tx, params, grads)[-1], _trajectory(plain, params, grads)[-1]
     )
     state = tx.init(params)
+    state.hyperparams["ns_steps"] = jnp.asarray(2)
+    three = optax_orth.muon(0.02, ns_steps=2, muon_weight_dimension_numbers=DIMS)
+    u, _ = jax.jit(tx.update)(grads[0], state, params)
+    u_three, _ = three.update(grads[0], three.init(params), params)
+    _assert_float32_close(u, u_three)
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
-    bad = optax.inject_hyperparams(optax_orth.muon)(
-      0.02, muon_weight_dimension_numbers=DIMS
-    )
-    with self.assertRaisesRegex(ValueError, "static_args=\\('ns_steps',\\)"):
-      jax.jit(bad.update)(grads[0], bad.init(params), params)
     u, _ = jax.jit(tx.update)(grads[0], state, params)
     assert all(not np.any(x) for x in jax.tree.leaves(u))
+    # Several distinct rows need a static count, and say so.
+    rows = optax.inject_hyperparams(optax_orth.muon)(
+      0.02, ns_coeffs="dion", muon_weight_dimension_numbers=DIMS
+    )
+    with self.assertRaisesRegex(ValueError, "static_args=\\('ns_steps',\\)"):
+      jax.jit(rows.update)(grads[0], rows.init(params), params)
+    fixed = optax.inject_hyperparams(optax_orth.muon, static_args=("ns_steps",))(
+      0.02, ns_coeffs="dion", muon_weight_dimension_numbers=DIMS
+    )
+    jax.jit(fixed.update)(grads[0], fixed.init(params), params)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_zero_gradient_is_a_zero_update(self):
