@@ -355,13 +355,14 @@ def orthogonalize_momentum(
         for lay, m, o in zip(layouts, m_hats, outs, strict=True)
       ]
     stats = None
-    if statistics:
+    if statistics:  # built as init builds them: without Variable annotations
+      stat_def = sharding_lib.plain_treedef(updates)
       stats = MomentumStatistics(
         grad_sq_norms=jax.tree.unflatten(
-          treedef, [row_sq_norms(g, lay) for _, g, lay in entries]
+          stat_def, [row_sq_norms(g, lay) for _, g, lay in entries]
         ),
         momentum_sq_norms=jax.tree.unflatten(
-          treedef,
+          stat_def,
           [row_sq_norms(m, lay) for lay, m in zip(layouts, m_hats, strict=True)],
         ),
         momentum_bias=_momentum_bias(beta, count_inc, bias_correction),
@@ -510,6 +511,8 @@ def scale_by_neuron_rms(
     out, nu = map_matrices(
       weight_dimension_numbers, where, fn, updates, state.nu, outputs=2
     )
+    # The state keeps init's structure (no Variable annotations).
+    nu = jax.tree.unflatten(jax.tree.structure(state.nu), jax.tree.leaves(nu))
     return out, ScaleByNeuronRmsState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

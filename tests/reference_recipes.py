@@ -8,9 +8,12 @@ in float64; the Flax kernel is ``(fan_in, fan_out)``:
 * AdaMuon: Si et al. 2025 (arXiv 2507.11005 v2), Algorithm 1, and both
   releases of ``Chongjie-Si/AdaMuon`` (``5b99dd0``'s
   ``gpt2/models/optimizers/adamuon.py``, and the first upload ``3b84e03``).
-* MuonH: Levanter's ``muonh.py`` (``scale_invariant_update``).
+* MuonH: Levanter's ``muonh.py`` (``scale_invariant_update``) with its
+  ``"quintic"`` Newton–Schulz rows.
 * NorMuon over the larger axis: modded-nanogpt's NorMuon (``red_dim`` is the
-  smaller axis, the statistics run along the larger one).
+  smaller axis, the statistics run along the larger one), and its whole rule
+  with the cautious ``lr^2`` decay.
+* Dion's Muon with cautious weight decay.
 * QK-clip: Kimi K2 (arXiv 2507.20534), Algorithm 1.
 """
 
@@ -117,17 +120,108 @@ class AdaMuon:
     return k - self.lr * (o + decay)
 
 
-class MuonH:
-  """Levanter's MuonH: Muon's direction, a step relative to ||K||, projected
-  back onto the sphere of radius ||K||."""
+# Levanter's "quintic" rows (levanter/optim/util.py), the same as Dion's.
+QUINTIC = (
+  (4.0848, -6.8946, 2.9270),
+  (3.9505, -6.3029, 2.6377),
+  (3.7418, -5.5913, 2.3037),
+  (2.8769, -3.1427, 1.2046),
+  (2.8366, -3.0525, 1.2012),
+)
+# modded-nanogpt's polar_express_coeffs (train_gpt.py).
+POLAR_EXPRESS = (
+  (8.156554524902461, -22.48329292557795, 15.878769915207462),
+  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+  (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
-  def __init__(self, lr, beta=0.95):
-    self.lr, self.mom = lr, _Momentum(beta, True)
+
+class MuonH:
+  """Levanter's MuonH (marin-community/marin ``src/levanter/optim/muonh.py``
+  at ``e8fe178``, ``scale_with_muonh``; its Newton–Schulz from
+  ``levanter/optim/util.py`` at ``c877ddb``, the default ``"quintic"`` rows):
+  ``buf = m buf + g``; Nesterov ``u = m buf + g``; ``O = NS(u)`` with ``X /
+  (||X|| + eps)``; ``p' = p - lr O ||p|| / max(||O||, 1e-10)``; ``p'' = p' /
+  max(||p'||, 1e-10) ||p||``. ``lr`` may be a function of the step."""
+
+  def __init__(self, lr, momentum=0.95, eps=1e-8, rows=QUINTIC):
+    self.lr, self.momentum, self.eps, self.rows = lr, momentum, eps, rows
+    self.buf, self.t = None, 0
 
   def step(self, k, g):
-    u = ref.ns(self.mom(g))
-    new = k - self.lr * u * np.linalg.norm(k) / np.linalg.norm(u)
-    return new / np.linalg.norm(new) * np.linalg.norm(k)
+    mu = self.momentum
+    self.buf = g if self.buf is None else mu * self.buf + g
+    o = ref.ns(mu * self.buf + g, rows=self.rows, eps=self.eps)
+    lr = self.lr(self.t) if callable(self.lr) else self.lr
+    self.t += 1
+    new = k - lr * o * np.linalg.norm(k) / max(np.linalg.norm(o), 1e-10)
+    return new / max(np.linalg.norm(new), 1e-10) * np.linalg.norm(k)
+
+
+class ModdedNorMuon:
+  """modded-nanogpt's NorMuon (KellerJordan/modded-nanogpt ``train_gpt.py`` at
+  ``f411b3d``: ``polar_express``, ``_apply_normuon_variance_reduction``,
+  ``_cautious_wd_and_update_inplace``), on the matrix as it stores it, ``W =
+  K.T`` (out, in):
+
+  Nesterov momentum by ``lerp``; ``V = PE(.)`` with ``X / (1.02 ||X|| +
+  1e-6)``; the mean of ``V^2`` over the smaller axis (over columns when
+  ``rows >= cols``) into a buffer by ``lerp(., 1 - beta2)``; ``V * rsqrt(max(
+  buf, 1e-10))``, rescaled to ``V``'s norm; then with ``s = sqrt(max(1, rows /
+  cols))`` and the schedule's ``lr(t)``: ``W -= W 1[V W >= 0] wd lr(t) s lr(t)
+  + V s lr(t)``.
+  """
+
+  def __init__(self, lr, wd, momentum=0.95, beta2=0.9):
+    self.lr, self.wd, self.momentum, self.beta2 = lr, wd, momentum, beta2
+    self.m, self.buf, self.t = None, None, 0
+
+  def step(self, k, g):
+    w, gw = k.T, g.T
+    mu = self.momentum
+    self.m = (1 - mu) * gw if self.m is None else self.m + (1 - mu) * (gw - self.m)
+    v = ref.ns(gw + mu * (self.m - gw), rows=POLAR_EXPRESS, eps=1e-6, safety=1.02)
+    red = -1 if w.shape[0] >= w.shape[1] else -2
+    v_mean = np.mean(v * v, axis=red, keepdims=True)
+    size = v.shape[red]
+    v_norm = np.sqrt(np.sum(v_mean) * size)
+    if self.buf is None:
+      self.buf = np.zeros_like(v_mean)
+    self.buf = self.buf + (1 - self.beta2) * (v_mean - self.buf)
+    step = 1 / np.sqrt(np.maximum(self.buf, 1e-10))
+    v_norm_new = np.sqrt(np.sum(v_mean * size * step**2))
+    v = v * step * (v_norm / max(v_norm_new, 1e-10))
+    lr = self.lr(self.t) if callable(self.lr) else self.lr
+    self.t += 1
+    s = np.sqrt(max(1.0, w.shape[0] / w.shape[1]))
+    mask = (v * w >= 0).astype(np.float64)
+    w = w - w * mask * (self.wd * lr) * (s * lr) - v * (s * lr)
+    return w.T
+
+
+class DionCautiousMuon:
+  """Dion's Muon with ``cautious_wd=True`` (microsoft/dion ``dion/muon.py`` at
+  ``0a059a4``: ``muon_update_pre_orthogonalize``,
+  ``muon_update_post_orthogonalize``, ``adjust_lr_spectral_norm``, with its
+  ``zeropower_via_newtonschulz5``), on ``W = K.T`` (out, in): ``M = mu M + G``;
+  ``U = NS(M)`` (or Nesterov ``mu M + G``); ``X -= lr wd 1[X U >= 0] X``;
+  ``X -= lr sqrt(out / in) U``."""
+
+  def __init__(self, lr, wd, mu=0.95, nesterov=False, eps=1e-8):
+    self.lr, self.wd, self.mu, self.nesterov, self.eps = lr, wd, mu, nesterov, eps
+    self.m = None
+
+  def step(self, k, g):
+    w, gw = k.T, g.T
+    self.m = gw if self.m is None else self.mu * self.m + gw
+    u = self.mu * self.m + gw if self.nesterov else self.m
+    u = ref.ns(u, rows=QUINTIC, eps=self.eps)
+    mask = (w * u >= 0).astype(np.float64)
+    w = w - self.lr * self.wd * mask * w
+    w = w - self.lr * np.sqrt(w.shape[0] / w.shape[1]) * u
+    return w.T
 
 
 class NorMuonAxis(ref.NorMuon):

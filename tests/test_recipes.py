@@ -133,7 +133,9 @@ def test_adamuon_chain_matches_numpy(sign):
 
 def test_muonh_recipe_matches_numpy_and_keeps_norms():
   tx = optax.chain(
-    optax_orth.orthogonalize_momentum(0.95, weight_dimension_numbers=DIMS),
+    optax_orth.orthogonalize_momentum(
+      0.95, ns_coeffs="dion", eps=1e-8, weight_dimension_numbers=DIMS
+    ),
     scale_by_hyperball(0.05, weight_dimension_numbers=DIMS),
   )
   ours, theirs = _trajectories(tx, functools.partial(rr.MuonH, 0.05))
