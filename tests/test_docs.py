@@ -4,13 +4,17 @@ Every ```python fenced block of ``docs/*.md`` and ``README.md`` is executed.
 The blocks of one page run in order in one namespace (a page may build on its
 earlier blocks), in a temporary working directory. A block right after the
 line ``<!-- docs-test: skip -->`` is not run (for code that needs several
-processes, a GPU or a data set); use it sparingly.
+processes, a GPU or a data set); use it sparingly. A ``text`` block right
+after a python block and the line ``<!-- docs-test: output -->`` is what that
+python block prints, and must stay so.
 
 The Sphinx build itself (``python -m sphinx -W``) runs in CI (``.ci/run``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import pathlib
 import re
 import sys
@@ -24,6 +28,8 @@ import optax_orth
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SKIP_MARK = "<!-- docs-test: skip -->"
+# Before a ``text`` block right after a python block: what that block prints.
+OUTPUT_MARK = "<!-- docs-test: output -->"
 
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*(.*?)[ \t]*$")
 
@@ -62,12 +68,23 @@ def extract_blocks(text: str) -> list[tuple[int, str, str, bool]]:
   return blocks
 
 
-def _python_blocks(page: pathlib.Path) -> list[tuple[int, str]]:
-  return [
-    (line, code)
-    for line, info, code, skipped in extract_blocks(page.read_text())
-    if info == "python" and not skipped
-  ]
+def _python_blocks(page: pathlib.Path) -> list[tuple[int, str, str | None]]:
+  """``(line, code, expected)``: ``expected`` is the printed output that the
+  page shows for the block (a ``text`` block marked ``OUTPUT_MARK``), or None."""
+  text = page.read_text()
+  lines = text.splitlines()
+  blocks = extract_blocks(text)
+  out = []
+  for i, (line, info, code, skipped) in enumerate(blocks):
+    if info != "python" or skipped:
+      continue
+    expected = None
+    if i + 1 < len(blocks) and blocks[i + 1][1] == "text":
+      before = [x.strip() for x in lines[: blocks[i + 1][0] - 1] if x.strip()]
+      if before and before[-1] == OUTPUT_MARK:
+        expected = blocks[i + 1][2]
+    out.append((line, code, expected))
+  return out
 
 
 def test_extract_blocks():
@@ -124,9 +141,13 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
   # A real module, so that dataclasses (Linen modules) defined in it resolve.
   module = types.ModuleType(f"docs_example_{page.stem}")
   monkeypatch.setitem(sys.modules, module.__name__, module)
-  for line, code in blocks:
+  for line, code, expected in blocks:
     name = f"{page.relative_to(ROOT)}:{line}"
-    exec(compile(code, name, "exec"), module.__dict__)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      exec(compile(code, name, "exec"), module.__dict__)
+    if expected is not None:  # the page shows what the code prints
+      assert printed.getvalue().strip() == expected.strip(), name
 
 
 @pytest.mark.parametrize("page", _PAGES, ids=lambda p: str(p.relative_to(ROOT)))
