@@ -96,7 +96,8 @@ def scale_by_hyperball(
 
   References:
     MuonH / AdamH, Levanter (``src/levanter/optim/muonh.py``, ``adamh.py``,
-    marin-community), 2025.
+    marin-community; ``scale_invariant_update`` checked at marin commit
+    ``e8fe178``, whose Newton–Schulz rows are the ``"dion"`` preset), 2025.
   """
   validation.check_hyperparameters({"learning_rate": learning_rate})
   where = "scale_by_hyperball"

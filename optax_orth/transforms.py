@@ -462,7 +462,9 @@ def scale_by_neuron_rms(
   and returned in the update's dtype. With ``axis="fan_in"`` the second moment
   is kept per input feature ``i`` (the mean runs over ``j``) instead; with
   ``"larger"``, along the larger of the two axes (per neuron unless
-  ``fan_in > fan_out``), as modded-nanogpt's NorMuon does.
+  ``fan_in > fan_out``), as modded-nanogpt's NorMuon does
+  (``_apply_normuon_variance_reduction`` in ``train_gpt.py``, checked at
+  commit ``f411b3d``; its whole rule is a recipe in ``docs/recipes.md``).
 
   Args:
     b2: decay of the second moment, in ``[0, 1)``.

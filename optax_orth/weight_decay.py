@@ -73,7 +73,10 @@ def add_cautious_weight_decay(
   References:
     Chen et al., `Cautious Weight Decay <https://arxiv.org/abs/2510.12402>`_,
     2025 (Algorithm 1, ``x <- x - eta (u + lambda 1[u x >= 0] x)``); Dion's
-    ``cautious_wd`` (``microsoft/dion``) and modded-nanogpt use the same rule.
+    ``cautious_wd`` (``microsoft/dion``, ``dion/muon.py``, checked at commit
+    ``0a059a4``) and modded-nanogpt (``train_gpt.py`` at ``f411b3d``, where
+    the decay rate is ``wd * lr``: see ``docs/recipes.md``) use the same
+    mask.
   """
   validation.check_hyperparameters({"weight_decay": weight_decay})
 

@@ -13,6 +13,7 @@ from absl.testing import parameterized
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from tests import reference_numpy as ref
+from tests import trajectories
 
 SHAPES = {"wide": (32, 48), "tall": (48, 32), "stacked": (4, 24, 40)}
 DIMS = {"wide": DN(), "tall": DN(), "stacked": DN(1, 2)}
@@ -45,35 +46,8 @@ def _initial_params(seed=1):
   }
 
 
-def _run_optax(tx, params, grads, jit=True):
-  state = tx.init(params)
-  update = jax.jit(tx.update) if jit else tx.update
-  trajectory = []
-  for g in grads:
-    updates, state = update(g, state, params)
-    params = optax.apply_updates(params, updates)
-    trajectory.append(jax.tree.map(np.asarray, params))
-  return trajectory
-
-
-def _run_reference(make_rule, params, grads):
-  """Runs one NumPy rule per matrix (per batch element for stacked leaves)."""
-  params = {n: np.asarray(p, np.float64) for n, p in params.items()}
-  rules = {
-    n: [make_rule() for _ in range(p.shape[0])] if p.ndim == 3 else make_rule()
-    for n, p in params.items()
-  }
-  trajectory = []
-  for g in grads:
-    new = {}
-    for n, p in params.items():
-      if p.ndim == 3:
-        new[n] = np.stack([rules[n][b].step(p[b], g[n][b]) for b in range(p.shape[0])])
-      else:
-        new[n] = rules[n].step(p, g[n].astype(np.float64))
-    params = new
-    trajectory.append(params)
-  return trajectory
+_run_optax = trajectories.run_optax
+_run_reference = trajectories.run_reference
 
 
 def _assert_trajectories_close(ours, theirs, rtol=2e-4, atol=2e-5):

@@ -17,6 +17,7 @@ import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from tests import reference_numpy as ref
 from tests import reference_recipes as rr
+from tests import trajectories
 
 STEPS = 20
 SHAPES = {
@@ -51,33 +52,8 @@ def _grads(seed=0):
   ]
 
 
-def _ours(tx, params, grads):
-  state, update = tx.init(params), jax.jit(tx.update)
-  out = []
-  for g in grads:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    out.append(jax.tree.map(np.asarray, params))
-  return out
-
-
-def _theirs(make_rule, params, grads):
-  """One rule per matrix: per slice of a stacked leaf."""
-  params = {n: np.asarray(p, np.float64) for n, p in params.items()}
-  rules = {
-    n: [make_rule() for _ in range(p.shape[0])] if p.ndim == 3 else make_rule()
-    for n, p in params.items()
-  }
-  out = []
-  for g in grads:
-    for n, p in params.items():
-      gn = np.asarray(g[n], np.float64)
-      if p.ndim == 3:
-        params[n] = np.stack([rules[n][b].step(p[b], gn[b]) for b in range(len(p))])
-      else:
-        params[n] = rules[n].step(p, gn)
-    out.append(dict(params))
-  return out
+_ours = trajectories.run_optax
+_theirs = trajectories.run_reference
 
 
 def _assert_close(ours, theirs, rtol=2e-4, atol=2e-5):
