@@ -18,7 +18,7 @@ NorMuon, logs the diagnostics of every step, and writes the comparison::
 ``--overhead`` instead times the jitted step with and without
 ``with_diagnostics`` on the same MLP.
 
-``--logs`` draws runs of ``examples/gpt2/train.py --diagnostics EVERY`` side
+``--logs`` draws runs of ``benchmarks/gpt2/harness.py --diagnostics EVERY`` side
 by side, from their ``diagnostics.jsonl``::
 
   python examples/plot_diagnostics.py --logs muon=runs/diag/muon \
@@ -26,7 +26,7 @@ by side, from their ``diagnostics.jsonl``::
     --out docs/img/gpt2_diag_imbalance.png
 
 ``--overhead-gpt2 PRESET`` times the whole jitted GPT-2 train step (forward,
-backward, update) of ``examples/gpt2/train.py`` with and without the
+backward, update) of ``benchmarks/gpt2/harness.py`` with and without the
 diagnostics.
 """
 
@@ -310,10 +310,11 @@ def overhead(steps, repeats, every_values):
 
 
 def _gpt2_train():
-  gpt2 = str(Path(__file__).resolve().parent / "gpt2")
-  if gpt2 not in sys.path:
-    sys.path.insert(0, gpt2)
-  import train as train_lib
+  """The GPT-2 harness, ``benchmarks/gpt2/harness.py``."""
+  harness = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpt2")
+  if harness not in sys.path:
+    sys.path.insert(0, harness)
+  import harness as train_lib
 
   return train_lib
 
@@ -354,7 +355,7 @@ def overhead_gpt2(preset, optimizer, steps, repeats, every_values):
   As :func:`overhead`: the variants run in turn, ``repeats`` rounds of
   ``steps`` steps on the same batch each, and the minimum over rounds of the
   wall and the process CPU time per step is reported. The diagnostics are
-  only computed on device here (no ``to_dict``; ``train.py`` fetches them once
+  only computed on device here (no ``to_dict``; ``harness.py`` fetches them once
   per logged step).
   """
   train_lib = _gpt2_train()
@@ -369,9 +370,10 @@ def overhead_gpt2(preset, optimizer, steps, repeats, every_values):
   print(f"devices: {jax.devices()}, load average: {os.getloadavg()}")
   print(f"{optimizer}, preset {preset}: batch {cfg.batch_size} x {cfg.seq_len}")
   runners = {}
+  routing = train_lib.model_routing(graphdef, params0)
   for every in (0, *every_values):
     label = "plain" if every == 0 else f"diagnostics every {every}"
-    fns = train_lib.Steps(graphdef, cfg, every)
+    fns = train_lib.Steps(graphdef, cfg, every, routing=routing)
     params = jax.tree.map(jnp.array, params0)
     state = fns.init_opt_state(params)
     params, state, loss, _ = fns.train_step(params, state, x, y, lr, adam_lr)
@@ -420,7 +422,7 @@ def main():
     "--overhead-gpt2",
     default=None,
     metavar="PRESET",
-    help="time the GPT-2 train step of examples/gpt2/train.py with this preset",
+    help="time the GPT-2 train step of benchmarks/gpt2/harness.py with this preset",
   )
   parser.add_argument("--optimizer", default="muon", help="for --overhead-gpt2")
   args = parser.parse_args()

@@ -1,10 +1,13 @@
-"""Smoke tests of the examples: GPT-2 data and training (checkpoint and resume),
-the comparison script, the Linen example and the quickstart notebook."""
+"""Smoke tests of the examples and of the GPT-2 harness: the research script
+(examples/gpt2/train.py), GPT-2 data and model, the harness's training
+(checkpoint and resume) and comparison script (benchmarks/gpt2/), the Linen
+example and the quickstart notebook."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -15,12 +18,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpt2"))
 sys.path.insert(0, str(EXAMPLES / "gpt2"))
 sys.path.insert(0, str(EXAMPLES))
 
 import compare  # noqa: E402
 import data as data_lib  # noqa: E402
-import train as train_lib  # noqa: E402
+import harness as train_lib  # noqa: E402
+import train as research  # noqa: E402
 
 
 def _text_corpus(tmp_path: Path) -> Path:
@@ -110,6 +115,26 @@ def test_model_shapes_and_causality():
     GPTConfig(d_model=10, n_head=4)
 
 
+def test_research_script_loss_falls(capsys):
+  """examples/gpt2/train.py with a tiny budget: the validation loss falls well
+  below the uniform loss, and the routing table it prints shows the reading."""
+  tiny = ["--steps", "40", "--eval-every", "20", "--n-layer", "1", "--d-model", "32"]
+  losses = research.main([*tiny, "--seq-len", "32", "--batch-size", "8"])
+  out = capsys.readouterr().out
+  assert len(losses) == 2 and losses[1] < losses[0] < math.log(256) - 1.0, losses
+  assert "3 x 32 x 32" in out  # the fused QKV kernel, three matrices
+  assert "val " in out and "step    40" in out
+
+
+@pytest.mark.parametrize("name", sorted(set(research.OPTIMIZERS) - {"namo_d"}))
+def test_research_script_runs_every_optimizer(name):
+  tiny = ["--steps", "6", "--eval-every", "3", "--n-layer", "1", "--d-model", "32"]
+  losses = research.main(
+    [*tiny, "--seq-len", "16", "--batch-size", "4", "--optimizer", name]
+  )
+  assert all(math.isfinite(v) for v in losses) and losses[-1] < math.log(256)
+
+
 def test_train_smoke_checkpoint_and_resume(tmp_path):
   """A short run, and the same run interrupted at a checkpoint and resumed,
   end with the same parameters; logs are JSONL with finite losses."""
@@ -135,8 +160,10 @@ def test_train_smoke_checkpoint_and_resume(tmp_path):
     }
   )
   splits = data_lib.load_splits(cfg.data)
-  graphdef, _ = train_lib.init_params(train_lib.model_config(cfg, splits[2]), 0)
-  fns = train_lib.Steps(graphdef, cfg)
+  graphdef, params = train_lib.init_params(train_lib.model_config(cfg, splits[2]), 0)
+  fns = train_lib.Steps(
+    graphdef, cfg, routing=train_lib.model_routing(graphdef, params)
+  )
   out = tmp_path / "resumed"
   first = train_lib.train(
     cfg, out, stop_at=4, progress=False, splits=splits, steps_fns=fns
@@ -195,11 +222,20 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
 
 
 def test_routing_sends_embeddings_and_norms_to_adam():
+  """The harness routes by what the model computes: the same branches as the
+  path rules, and the fused QKV kernel as three matrices."""
   import optax_orth
 
   cfg = train_lib.TrainConfig(**train_lib.PRESETS["smoke"])
-  _, params = train_lib.init_params(train_lib.model_config(cfg, 256), 0)
-  labels = optax_orth.label_tree(params, optax_orth.route_by_path())
+  graphdef, params = train_lib.init_params(train_lib.model_config(cfg, 256), 0)
+  routing = train_lib.model_routing(graphdef, params)
+  labels = optax_orth.label_tree(params, routing)
+  assert labels == optax_orth.label_tree(params, optax_orth.route_by_path())
+  qkv = params["blocks"][0]["attn"]["qkv"]["kernel"]
+  layout = optax_orth.matrix_layout(
+    qkv.shape, routing(params)["blocks"][0]["attn"]["qkv"]["kernel"]
+  )
+  assert (layout.batch, layout.fan_in, layout.fan_out) == (3, 32, 32)
   flat = {
     "/".join(str(k.key) for k in path): label
     for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]
@@ -433,8 +469,9 @@ def test_run_group_matches_a_single_run(tmp_path):
   splits = train_lib.load_config_splits(cfg)
   alone = train_lib.train(cfg, None, progress=False, splits=splits, verbose=False)
   mcfg = train_lib.model_config(cfg, splits[2])
-  graphdef, _ = train_lib.init_params(mcfg, 0)
-  group = train_lib.RunGroup(graphdef, cfg, 2, cfg.eval_every)
+  graphdef, params = train_lib.init_params(mcfg, 0)
+  routing = train_lib.model_routing(graphdef, params)
+  group = train_lib.RunGroup(graphdef, cfg, 2, cfg.eval_every, routing=routing)
   hp = [(cfg.peak_lr, cfg.adam_lr, 0.4), (cfg.peak_lr, cfg.adam_lr, 0.75)]
   runs = group.run([0, 0], hp, splits)
   np.testing.assert_allclose(
@@ -482,6 +519,11 @@ def test_compare_sweep_final_and_resume(tmp_path, capsys):
   assert "| AdamW |" in table and "| NAMO-D |" in table and "95 % interval" in table
   assert "tokens/s" in table and "GFLOP/s" in table
   assert (out / "loss_curves.png").stat().st_size > 10_000
+  assert res["panels"] == [True, True, True]  # curves, differences, this sweep
+  # 2 seeds of 1,024 tokens: a check of the pipeline, headed as such.
+  assert "## Final runs (2 seeds present; settings from" in table
+  assert ": not evidence" in table and "**Not evidence**" in table
+  assert "| not evidence |" in table and "**yes**" not in table
   n = len(results)
 
   # Resume with one optimizer and another lr: nothing is dropped from the table.
@@ -494,9 +536,29 @@ def test_compare_sweep_final_and_resume(tmp_path, capsys):
   (out / "table.md").unlink()
   res = compare.main([*argv, "--optimizers", "namo_d", "--report"])  # trains nothing
   assert len(_results(out)) == n + 2 and len(res["rows"]) == 3
-  assert "| AdamW |" in (out / "table.md").read_text()
+  report = (out / "table.md").read_text()
+  assert "| AdamW |" in report and report.count("`python benchmarks/gpt2/") == 1
+  seconds = re.search(r"This invocation: (\d+\.\d) s of wall time", report)
+  assert seconds and float(seconds[1]) > 0
   with pytest.raises(SystemExit, match="another configuration"):
     compare.main([*argv, "--optimizers", "adamw", "--steps", "12", "--resume"])
+
+
+def test_default_settings_run_plots_the_sweep_they_came_from(tmp_path):
+  """A run without --sweep takes its settings from a sweep file; the plot's
+  third panel is that sweep (no empty axes), and without one there is no
+  third panel. A smoke budget is headed as not evidence."""
+  sweep_file = compare.SWEEPS_DIR / "sotu-cpu.json"
+  argv = ["--preset", "smoke", "--optimizers", "muon,adamw", "--no-progress"]
+  res = compare.main(
+    [*argv, "--settings", str(sweep_file), "--out", str(tmp_path / "a")]
+  )
+  assert res["panels"] == [True, True, True]
+  assert res["sweep"] == {}  # no sweep runs in this folder: the panel is the file's
+  table = (tmp_path / "a" / "table.md").read_text()
+  assert "3 seeds present" in table and ": not evidence" in table
+  res = compare.main([*argv, "--out", str(tmp_path / "b")])  # defaults, no sweep
+  assert res["panels"] == [True, True]
 
 
 def test_linen_trainstate_example_learns():

@@ -1,9 +1,9 @@
 """Speed of the GPT-2 training step: one step per host call vs runs in lockstep.
 
-  python examples/gpt2/bench_step.py --optimizer muon --steps 64
+  python benchmarks/gpt2/bench_step.py --optimizer muon --steps 64
 
 Times, at the ``cpu`` preset's shape, (a) ``train.Steps``: one jitted step per
-host call, one run (as ``train.py`` trains); (b) ``train.RunGroup`` with one
+host call, one run (as ``harness.py`` trains); (b) ``harness.RunGroup`` with one
 run and ``eval_every`` steps per call (``jax.lax.scan``); (c) the same with
 three runs in lockstep (``jax.vmap``), as ``compare.py`` trains. Prints
 tokens/s, XLA's FLOP count of one step and the FLOP/s reached, against the
@@ -23,15 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if __package__ in (None, ""):
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  import compare
-  import data as data_lib
-  import train as train_lib
-else:
-  from . import compare
-  from . import data as data_lib
-  from . import train as train_lib
+# This folder (the harness) and examples/gpt2 (the model and data code).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "gpt2"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare
+import data as data_lib
+import harness as train_lib
 
 
 def main(argv=None):
@@ -54,6 +51,7 @@ def main(argv=None):
   splits = train_lib.load_config_splits(cfg)
   mcfg = train_lib.model_config(cfg, splits[2])
   graphdef, params = train_lib.init_params(mcfg, 0)
+  routing = train_lib.model_routing(graphdef, params)
   print(f"{compare.machine()}; load average {os.getloadavg()[0]:.1f}")
   print(
     f"{args.optimizer}, preset {args.preset}: {cfg.n_layer} layers x d_model "
@@ -62,7 +60,7 @@ def main(argv=None):
   rows = []
 
   # (a) one step per host call.
-  fns = train_lib.Steps(graphdef, cfg)
+  fns = train_lib.Steps(graphdef, cfg, routing=routing)
   state = fns.init_opt_state(params)
   lr, alr = jnp.float32(cfg.peak_lr), jnp.float32(cfg.adam_lr)
   x, y = data_lib.sample_batch(splits[0], cfg.batch_size, cfg.seq_len, 0, 0)
@@ -81,7 +79,7 @@ def main(argv=None):
   flops = None
   for n_runs in (1, 3):
     c = train_lib.dataclasses.replace(cfg, steps=steps, warmup_steps=min(8, steps - 1))
-    group = train_lib.RunGroup(graphdef, c, n_runs, chunk)
+    group = train_lib.RunGroup(graphdef, c, n_runs, chunk, routing=routing)
     hp = jnp.asarray(np.tile([c.peak_lr, c.adam_lr, c.clamp], (n_runs, 1)), jnp.float32)
     stacked = group.init(mcfg, list(range(n_runs)))
     group.compile(stacked, hp, splits)

@@ -2,8 +2,8 @@
 
 Run from a fresh clone (both corpora are bundled under ``examples/data/``)::
 
-  pip install -e ".[examples]" && python examples/gpt2/compare.py
-  python examples/gpt2/compare.py --data moby-dick
+  pip install -e ".[examples]" && python benchmarks/gpt2/compare.py
+  python benchmarks/gpt2/compare.py --data moby-dick
 
 Protocol (``docs/results.md``):
 
@@ -12,7 +12,7 @@ Protocol (``docs/results.md``):
    on the sweep seed(s) (``--sweep-seed``, distinct from the seeds of step 2);
    it writes ``sweep.json`` and ``sweep.md``, and warns when a chosen value
    sits at the edge of its grid. The sweeps of the measured runs are committed
-   as ``examples/gpt2/sweeps/<corpus>-<preset>.json``.
+   as ``benchmarks/gpt2/sweeps/<corpus>-<preset>.json``.
 2. The default run trains every optimizer at those settings on ``--seeds``
    seeds. A seed fixes the initialisation and the order of the batches, the
    same for every optimizer, so the runs are paired: the table ranks the
@@ -63,13 +63,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if __package__ in (None, ""):
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  import data as data_lib
-  import train as train_lib
-else:
-  from . import data as data_lib
-  from . import train as train_lib
+# This folder (the harness) and examples/gpt2 (the model and data code).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "gpt2"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data as data_lib
+import harness as train_lib
 
 HERE = Path(__file__).resolve().parent
 SWEEPS_DIR = HERE / "sweeps"
@@ -89,7 +87,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
 #: NAMO-D's clamp grid: the values of the NAMO paper's sweeps.
 CLAMP_GRID: tuple[float, ...] = (0.12, 0.4, 0.75, 0.9)
 
-#: compare.py presets: a train.py preset plus seeds, grids and lockstep width.
+#: compare.py presets: a harness.py preset plus seeds, grids and lockstep width.
 PRESETS: dict[str, dict[str, Any]] = {
   "smoke": dict(
     train_lib.PRESETS["smoke"], steps=8, eval_every=4, seeds=3, sweep_seeds=1,
@@ -319,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _INHERITED_HINT = {
   "--optimizer": "compare.py trains every optimizer of --optimizers; "
-  "to train one, use train.py --optimizer or --optimizers NAME",
+  "to train one, use harness.py --optimizer or --optimizers NAME",
   "--lr": "compare.py takes learning rates from its sweep; set one with "
   "--lr-grid NAME=VALUE",
   "--clamp": "compare.py takes NAMO-D's clamp from its sweep; set it with "
@@ -627,10 +625,19 @@ def todo_groups(plan, results) -> list:
 
 
 def run_plan(
-  job: Job, plan, results, results_f: Path, splits, groups, speed, progress
+  job: Job,
+  plan,
+  results,
+  results_f: Path,
+  splits,
+  groups,
+  speed,
+  progress,
+  settings_source: str | None = None,
 ) -> None:
   """Trains every group of ``plan`` not in ``results``, appending the runs to
-  ``results`` and ``results_f``.
+  ``results`` and ``results_f``; final runs record ``settings_source``, the
+  file their settings came from.
 
   ``groups`` caches the compiled :class:`train.RunGroup` of each optimizer and
   group size across calls; ``speed`` accumulates the speed figures;
@@ -639,14 +646,17 @@ def run_plan(
   done = {_key(r) for r in results}
   todo = todo_groups(plan, results)
   mcfg = train_lib.model_config(job.base, splits[2])
-  graphdef, _ = train_lib.init_params(mcfg, 0)
+  graphdef, params0 = train_lib.init_params(mcfg, 0)
+  routing = train_lib.model_routing(graphdef, params0)
   for name, phase, points in todo:
     cfg = dataclasses.replace(job.base, optimizer=name)
     gkey = (name, len(points))
     hparams = [(lr, cfg.adam_lr, c) for lr, c, _ in points]
     seeds = [s for _, _, s in points]
     if gkey not in groups:
-      group = train_lib.RunGroup(graphdef, cfg, len(points), cfg.eval_every)
+      group = train_lib.RunGroup(
+        graphdef, cfg, len(points), cfg.eval_every, routing=routing
+      )
       hp = jnp.asarray(np.asarray(hparams, np.float32))
       params = group.init(mcfg, seeds)
       seconds = group.compile(params, hp, splits)
@@ -672,6 +682,8 @@ def run_plan(
     with open(results_f, "a") as f:
       for r in out:
         r.update(phase=phase, optimizer=name)
+        if phase == "final":
+          r["settings"] = settings_source
         if _key(r) in done:
           continue
         done.add(_key(r))
@@ -826,6 +838,13 @@ def resolve_settings(job: Job) -> tuple[dict[str, dict[str, float]], str, list[s
   return settings, source or "defaults / --lr-grid", warnings
 
 
+def sweep_of(source: str | None) -> dict[str, Any]:
+  """The sweep summary stored in a settings file (``{}`` for none)."""
+  if source is None or not Path(source).is_file():
+    return {}
+  return json.loads(Path(source).read_text()).get("sweep") or {}
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -904,9 +923,36 @@ def _names(rows) -> dict[int, str]:
   }
 
 
+#: Below these, a table is a check of the pipeline, not evidence.
+MIN_SEEDS, MIN_TOKENS = 3, 100_000
+
+
+def is_evidence(rows) -> bool:
+  """Every row has at least :data:`MIN_SEEDS` seeds of :data:`MIN_TOKENS` tokens."""
+  return bool(rows) and all(
+    r["n"] >= MIN_SEEDS and r["tokens"] >= MIN_TOKENS for r in rows
+  )
+
+
+def not_evidence_note(rows) -> str:
+  seeds = min(r["n"] for r in rows)
+  tokens = min(r["tokens"] for r in rows)
+  return (
+    f"**Not evidence**: {seeds} seed(s) of {tokens:,} tokens per run, below the "
+    f"{MIN_SEEDS} seeds of {MIN_TOKENS:,} tokens that a comparison needs; this "
+    "table checks that the pipeline runs, and resolves nothing."
+  )
+
+
+def seeds_present(rows) -> list[int]:
+  return sorted({s for r in rows for s in r["by_seed"]})
+
+
 def final_markdown(rows, pairs) -> str:
   nm = _names(rows)
-  lines = [
+  evidence = is_evidence(rows)
+  lines = [] if evidence else [not_evidence_note(rows), ""]
+  lines += [
     "| rank | optimizer | lr | clamp | final val loss (mean ± std) | per seed "
     "| seeds | tokens / run | drop over the last 20 % (share of total) |",
     "|---|---|---|---|---|---|---|---|---|",
@@ -926,13 +972,16 @@ def final_markdown(rows, pairs) -> str:
       "|---|---|---|---|---|",
     ]
     for p in pairs:
+      verdict = "**yes**" if p["resolved"] else "no"
+      if not evidence:
+        verdict = "not evidence"
       lines.append(
         f"| {nm[id(p['better'])]} < {nm[id(p['worse'])]} "
         f"| {p['mean']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | {p['n']} | "
-        f"{'**yes**' if p['resolved'] else 'no'} |"
+        f"{verdict} |"
       )
-    resolved = [p for p in pairs if p["resolved"]]
-    open_ = [p for p in pairs if not p["resolved"]]
+    resolved = [p for p in pairs if p["resolved"] and evidence]
+    open_ = [p for p in pairs if not p["resolved"] and evidence]
     say = []
     if resolved:
       say.append(
@@ -1001,16 +1050,23 @@ def speed_markdown(speed: dict[str, dict[str, float]], peak: float) -> str:
   return "\n".join(lines)
 
 
-def plot(rows, sweep, path: Path, title: str) -> None:
+def plot(
+  rows, sweep, path: Path, title: str, sweep_source: str | None = None
+) -> list[bool]:
   """Validation curves (mean over seeds, band min–max), the paired final
-  losses per seed, and the sweep."""
+  losses per seed, and the sweep the settings came from (``sweep_source``);
+  without a sweep the figure has two panels and its title says so. Returns,
+  per panel, whether it shows any data."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-  ax, ax2, ax3 = axes
+  fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(17 if sweep else 11.5, 4.8))
+  ax, ax2 = axes[:2]
+  ax3 = axes[2] if sweep else None
+  if not sweep:
+    title += "\n(no sweep panel: the settings did not come from a sweep)"
   colors = {n: f"C{i}" for i, n in enumerate(train_lib.OPTIMIZERS)}
   for r in rows:
     runs = [x for x in r["runs"] if x["history"]]
@@ -1066,6 +1122,7 @@ def plot(rows, sweep, path: Path, title: str) -> None:
   )
   ax2.grid(alpha=0.3)
   for name, s in (sweep or {}).items():
+    assert ax3 is not None
     by_clamp: dict[float, list] = {}
     for p in s["points"]:
       by_clamp.setdefault(p["clamp"], []).append(p)
@@ -1083,29 +1140,32 @@ def plot(rows, sweep, path: Path, title: str) -> None:
   if sweep:
     import matplotlib.ticker
 
+    assert ax3 is not None
     ax3.set_xscale("log")
     ticks = sorted({p["lr"] for s in sweep.values() for p in s["points"]})
     ax3.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax3.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=45, fontsize=7)
     lo = min(s["final_val_loss"] for s in sweep.values())
     ax3.set_ylim(lo - 0.05, lo + 0.5)
-  ax3.set_xlabel("peak learning rate (the matrices'; all of AdamW's)")
-  ax3.set_ylabel("final validation loss, sweep seed")
-  ax3.set_title("sweep", fontsize=9)
-  ax3.grid(alpha=0.3)
-  if sweep:
+    ax3.set_xlabel("peak learning rate (the matrices'; all of AdamW's)")
+    ax3.set_ylabel("final validation loss, sweep seed")
+    where = f" ({Path(sweep_source).name})" if sweep_source else ""
+    ax3.set_title(f"the sweep the settings came from{where}", fontsize=9)
+    ax3.grid(alpha=0.3)
     ax3.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+  return [bool(a.lines or a.collections) for a in fig.axes]
 
 
 # ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  t_start = time.perf_counter()
   job = parse(argv)
-  command = "python examples/gpt2/compare.py " + shlex.join(
+  command = "python benchmarks/gpt2/compare.py " + shlex.join(
     list(sys.argv[1:] if argv is None else argv)
   )
   results = load_results(job)
@@ -1118,7 +1178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = f"{results_f} (--report: nothing trained)"
   elif not job.args.sweep:
     settings, source, warnings = resolve_settings(job)
-  peak = matmul_flops()
+  peak = float("nan") if job.args.report else matmul_flops()
   load0 = os.getloadavg()
   what = (
     f"sweep seeds {job.sweep_seeds}"
@@ -1137,7 +1197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"{base.n_final_eval * base.batch_size * base.seq_len:,} tokens; {what}."
     f"\n\nMachine: {machine()}; load average at the start {load0[0]:.1f}."
   )
-  print(header, flush=True)
+  if not job.args.report:  # a report prints it once, with its tables
+    print(header, flush=True)
   for w in warnings:
     print(f"warning (from the sweep): {w}", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
@@ -1181,43 +1242,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if job.args.and_final:
       settings, source, _ = resolve_settings(job)
   if settings is not None and not job.args.report:
-    run_plan(job, plan_runs(job, settings), *job_args)
+    run_plan(job, plan_runs(job, settings), *job_args, settings_source=source)
   progress.close()
   for s in speed.values():
     s["tokens_per_step"] = base.tokens_per_step
-  total = time.perf_counter() - t0
-  load1 = os.getloadavg()
-  footer = (
-    f"This invocation: {total:.0f} s of wall time ({total / 60:.1f} min); load "
-    f"average at the end {load1[0]:.1f} (1 min), {load1[2]:.1f} (15 min)."
-  )
   sweep = summarize_sweep(results)
   rows = final_rows(results)
   pairs = neighbours(rows)
+  # The sweep panel: this folder's sweep, else the one the settings came from.
+  plot_sweep, plot_source = sweep, str(results_f)
+  recorded = [r.get("settings") for r in results if r["phase"] == "final"]
+  if not plot_sweep:
+    plot_source = next((x for x in recorded if x), source)
+    plot_sweep = sweep_of(plot_source)
+  n_seeds = len(seeds_present(rows))
+  panels = plot(
+    rows,
+    plot_sweep,
+    job.out / "loss_curves.png",
+    f"GPT-2 {base.n_layer}x{base.d_model} on {job.corpus} ({base.tokenizer}), "
+    f"{base.steps * base.tokens_per_step:,} tokens, {n_seeds} paired seed"
+    + ("s" if n_seeds != 1 else "")
+    + ("" if is_evidence(rows) else " (not evidence)"),
+    plot_source,
+  )
+  total = time.perf_counter() - t_start
+  load1 = os.getloadavg()
+  footer = (
+    f"This invocation: {total:.1f} s of wall time ({total / 60:.1f} min) from "
+    f"parsing its flags to writing its plot, {len(results)} runs in "
+    f"{results_f.name}; load average at the end {load1[0]:.1f} (1 min), "
+    f"{load1[2]:.1f} (15 min)."
+  )
   parts = [header]
   if job.args.report and sweep:
     sweep_md = sweep_markdown(sweep)
   if sweep_md is not None:
     parts.append("## Sweep\n\n" + sweep_md)
   if rows:
-    parts.append(
-      f"## Final runs (settings from {source})\n\n" + final_markdown(rows, pairs)
-    )
+    seeds = seeds_present(rows)
+    heading = f"## Final runs ({len(seeds)} seeds present; settings from {source})"
+    if not is_evidence(rows):
+      heading += ": not evidence"
+    parts.append(heading + "\n\n" + final_markdown(rows, pairs))
   if speed:
     parts.append("## Speed (this invocation)\n\n" + speed_markdown(speed, peak))
   parts.append(footer)
   text = "\n\n".join(parts) + "\n"
   print("\n" + text, flush=True)
   (job.out / "table.md").write_text(text)
-  plot(
-    rows,
-    sweep,
-    job.out / "loss_curves.png",
-    f"GPT-2 {base.n_layer}x{base.d_model} on {job.corpus} ({base.tokenizer}), "
-    f"{base.steps * base.tokens_per_step:,} tokens, {len(job.seeds)} paired seeds",
-  )
   print(f"wrote {job.out / 'table.md'} and {job.out / 'loss_curves.png'}", flush=True)
-  return {"rows": rows, "pairs": pairs, "sweep": sweep, "speed": speed, "out": job.out}
+  return {
+    "rows": rows,
+    "pairs": pairs,
+    "sweep": sweep,
+    "speed": speed,
+    "out": job.out,
+    "panels": panels,
+  }
 
 
 if __name__ == "__main__":
