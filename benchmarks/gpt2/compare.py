@@ -39,7 +39,7 @@ skips runs already there, and the tables always cover every run it holds),
 ``sweep.json`` and ``sweep.md``.
 
 Presets: ``cpu`` (default; 2 layers of width 64, 2,621,440 tokens per run, 5
-seeds; the default run takes about 20 minutes on 2 idle CPU cores, a
+seeds; the default run took 11.8 to 20 minutes on 2 idle CPU cores, a
 ``--sweep`` about half an hour per corpus), ``smoke`` (CI, seconds) and
 ``gpu`` (GPT-2 small shape, BPE tokens, for one accelerator; not run yet).
 """
