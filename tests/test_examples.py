@@ -195,9 +195,8 @@ def test_train_smoke_diagnostics_log_and_heatmaps(tmp_path):
   records = train_lib.read_diagnostics(tmp_path / "diag" / "diagnostics.jsonl")
   assert [r["step"] for r in records] == [1, 3]
   assert records == res["diagnostics"]
-  hidden = {
-    f"blocks/0/{m}/kernel" for m in ("attn/qkv", "attn/proj", "mlp/fc", "mlp/proj")
-  }
+  hidden = {f"blocks/0/{m}/kernel" for m in ("attn/proj", "mlp/fc", "mlp/proj")}
+  hidden |= {f"blocks/0/attn/qkv/kernel[{i}]" for i in range(3)}  # q, k, v
   for metric in (
     "update_rms",
     "orthogonality_error",
@@ -375,7 +374,8 @@ def test_paired_intervals_and_resolution():
     history = [{"step": s, "tokens": s, "val_loss": loss + 1.0 / s} for s in (1, 8, 10)]
     return {
       "phase": "final", "optimizer": name, "lr": 0.1, "clamp": 0.75, "seed": seed,
-      "final_val_loss": loss, "history": history, "wall_time": 1.0, "tokens": 10,
+      "final_val_loss": loss, "history": history, "wall_time": 1.0,
+      "tokens": 200_000,
     }  # fmt: skip
 
   # Muon is better than NAMO on every seed by 0.01 (resolved, though the seed
@@ -394,6 +394,12 @@ def test_paired_intervals_and_resolution():
     in text
   )
   assert "Not resolved" in text and "NAMO vs AdamW" in text
+  # The same runs at 10 tokens each: not evidence, and nothing is resolved.
+  small = [dict(r, tokens=10) for r in results]
+  rows = compare.final_rows(small)
+  text = compare.final_markdown(rows, compare.neighbours(rows))
+  assert text.startswith("**Not evidence**") and "Resolved" not in text
+  assert text.count("| not evidence |") == 2 and "**yes**" not in text
   # Flatness: the loss at 80 % of the steps (step 8) minus the final one.
   np.testing.assert_allclose(rows[0]["late_drop"], 1 / 8 - 1 / 10)
 

@@ -1,6 +1,6 @@
 """The new optimizers train the GPT-2 example's model at its ``smoke`` preset.
 
-``examples/gpt2/train.py`` builds only the anchor optimizers, so this test
+``benchmarks/gpt2/harness.py`` builds only the anchor optimizers, so this test
 builds each new alias and recipe itself on the example's model and data (the
 ``smoke`` preset's shape, batch and number of steps) and checks that the
 training loss falls. MuonClip gets its per-head maximum logits from a forward
@@ -23,10 +23,11 @@ import optax_orth
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "gpt2"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpt2"))
 
 import data as data_lib  # noqa: E402
+import harness as train_lib  # noqa: E402
 import model as model_lib  # noqa: E402
-import train as train_lib  # noqa: E402
 
 SMOKE = train_lib.PRESETS["smoke"]
 ADAM_LR = 3e-3
