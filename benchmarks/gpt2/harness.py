@@ -286,6 +286,25 @@ def build_optimizer(
   return tx
 
 
+def config_optimizer(
+  cfg: TrainConfig, routing, lr, adam_lr, clamp, diagnostics_every: int = 0
+) -> optax.GradientTransformation:
+  """:func:`build_optimizer` with ``cfg``'s schedule, clipping and decay."""
+  return build_optimizer(
+    cfg.optimizer,
+    lr,
+    adam_lr,
+    routing=routing,
+    steps=cfg.steps,
+    warmup_steps=cfg.warmup_steps,
+    final_lr_frac=cfg.final_lr_frac,
+    clip_norm=cfg.clip_norm,
+    weight_decay=cfg.weight_decay,
+    diagnostics_every=diagnostics_every,
+    clamp=clamp,
+  )
+
+
 def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.GPTConfig:
   return model_lib.GPTConfig(
     vocab_size=model_lib.padded_vocab_size(vocab_size)
@@ -331,19 +350,7 @@ class Steps:
     self.diagnostics_every = diagnostics_every
 
     def make_tx(lr, adam_lr):
-      return build_optimizer(
-        cfg.optimizer,
-        lr,
-        adam_lr,
-        routing=routing,
-        steps=cfg.steps,
-        warmup_steps=cfg.warmup_steps,
-        final_lr_frac=cfg.final_lr_frac,
-        clip_norm=cfg.clip_norm,
-        weight_decay=cfg.weight_decay,
-        diagnostics_every=diagnostics_every,
-        clamp=cfg.clamp,
-      )
+      return config_optimizer(cfg, routing, lr, adam_lr, cfg.clamp, diagnostics_every)
 
     def loss_fn(params, x, y):
       return model_lib.cross_entropy(nnx.merge(graphdef, params)(x), y)
@@ -408,18 +415,7 @@ class RunGroup:
     self.graphdef = graphdef
 
     def make_tx(hp):
-      return build_optimizer(
-        cfg.optimizer,
-        hp[0],
-        hp[1],
-        routing=routing,
-        steps=cfg.steps,
-        warmup_steps=cfg.warmup_steps,
-        final_lr_frac=cfg.final_lr_frac,
-        clip_norm=cfg.clip_norm,
-        weight_decay=cfg.weight_decay,
-        clamp=hp[2],
-      )
+      return config_optimizer(cfg, routing, hp[0], hp[1], hp[2])
 
     def loss_fn(params, x, y):
       return model_lib.cross_entropy(nnx.merge(graphdef, params)(x), y)
