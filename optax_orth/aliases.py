@@ -411,8 +411,19 @@ def namo(
   return _partition(orthogonal, adam, spec)
 
 
+def _base_args(base: Callable) -> str:
+  """The ``Args:`` section of ``base``'s docstring (its entries, indented)."""
+  doc = base.__doc__ or ""
+  return doc.split("  Args:\n", 1)[1].split("\n\n  Returns:", 1)[0]
+
+
 def _preset(base: Callable, name: str, doc: str, **defaults) -> Callable:
-  """``base`` with other defaults, under its own name, docstring and signature."""
+  """``base`` with other defaults, under its own name, docstring and signature.
+
+  ``doc``'s ``BASE_ARGS`` is replaced by ``base``'s argument descriptions, so
+  that ``help()`` of the preset documents every argument without restating it.
+  """
+  doc = doc.replace("BASE_ARGS", _base_args(base))
   sig = inspect.signature(base)
   for key in defaults:
     if key not in sig.parameters:
@@ -462,9 +473,11 @@ namo_d = _preset(
                   step_size_transform=clamp_diagonal(clamp)),
               adam=adamw)
 
+  Its arguments are :func:`namo`'s; only the defaults of ``granularity``
+  (``"input_feature"``) and ``clamp`` (``0.75``, the reference's) differ.
+
   Args:
-    See :func:`namo`; only the defaults of ``granularity``
-    (``"input_feature"``) and ``clamp`` (``0.75``, the reference's) differ.
+BASE_ARGS
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -524,11 +537,6 @@ def normuon(
                                scale_by_learning_rate),
               adam=adamw)
 
-  The Newton–Schulz, momentum-dtype, routing, AdamW-fallback and sharding
-  options (``ns_*``, ``mu_dtype``, ``weight_dimension_numbers``, ``adam_*``,
-  ``sharding``) mean what they do in :func:`namo`, with the defaults of the
-  signature.
-
   Args:
     learning_rate: a float or an optax schedule (reference ``0.02``).
     b1: momentum decay.
@@ -540,8 +548,22 @@ def normuon(
       branches.
     nesterov: Nesterov momentum.
     target_rms: ``None`` (released code) or the paper's fixed RMS.
+    ns_coeffs: Newton–Schulz coefficients (a preset name or rows).
+    ns_steps: Newton–Schulz steps (``None``: the preset's, 5 for
+      ``"standard"``).
+    ns_eps: Newton–Schulz normalization epsilon (``1e-7``, the reference's).
+    ns_dtype: Newton–Schulz compute dtype (``None``: the leaf's).
+    mu_dtype: momentum dtype.
+    weight_dimension_numbers: a dimension-numbers spec (``None``: the
+      default routing, :func:`optax_orth.route_by_path`; or
+      :func:`optax_orth.route_by_model`'s).
     adam_learning_rate: Adam's learning rate (reference ``3e-4``; ``None``:
       ``learning_rate``).
+    adam_b1: Adam's ``b1``.
+    adam_b2: Adam's ``b2``.
+    adam_eps: Adam's ``eps``.
+    adam_weight_decay: Adam's weight decay.
+    sharding: where each matrix is orthogonalized, as in :func:`namo`.
 
   Returns:
     An ``optax.GradientTransformation``.

@@ -163,3 +163,18 @@ def test_adamuon_step_does_not_shrink_with_the_gradient():
     steps.append(np.asarray(u["w"]))
   np.testing.assert_allclose(steps[1], steps[0], rtol=1e-5)
   assert np.sqrt(np.mean(steps[0] ** 2)) == pytest.approx(1e-2 * 0.2, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["muon", "namo", "namo_d", "normuon", "adamuon"])
+def test_help_documents_every_argument(name):
+  """``help(optax_orth.NAME)`` has an ``Args:`` entry for every parameter
+  (a derived alias such as ``namo_d`` included)."""
+  import inspect
+  import re
+
+  factory = getattr(optax_orth, name)
+  doc = inspect.getdoc(factory) or ""
+  args = doc.split("Args:")[1].split("Returns:")[0]
+  documented = set(re.findall(r"^  (\w+):", args, re.M))
+  missing = [p for p in inspect.signature(factory).parameters if p not in documented]
+  assert not missing, f"{name} does not document {missing}"
