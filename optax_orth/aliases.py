@@ -608,6 +608,12 @@ def normuon(
   return _partition(optax.chain(*blocks), adam, spec)
 
 
+def _finite_sign(x: jax.Array) -> jax.Array:
+  """``sign(x)``, with non-finite values kept: ``sign(inf) = 1`` would turn a
+  diverged gradient into an ordinary step, silently."""
+  return jnp.where(jnp.isfinite(x), jnp.sign(x), x)
+
+
 def adamuon(
   learning_rate: optax.ScalarOrSchedule,
   *,
@@ -719,7 +725,7 @@ def adamuon(
       b1,
       nesterov=nesterov,
       mu_dtype=mu_dtype,
-      orthogonalizer=(lambda x: ns(jnp.sign(x))) if sign_momentum else ns,
+      orthogonalizer=(lambda x: ns(_finite_sign(x))) if sign_momentum else ns,
       weight_dimension_numbers=spec,
       sharding=sharding,
     ),

@@ -178,3 +178,18 @@ def test_help_documents_every_argument(name):
   documented = set(re.findall(r"^  (\w+):", args, re.M))
   missing = [p for p in inspect.signature(factory).parameters if p not in documented]
   assert not missing, f"{name} does not document {missing}"
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_adamuon_does_not_absorb_a_non_finite_gradient(bad):
+  """``sign(inf)`` is 1: without care, an infinite gradient would become an
+  ordinary step. As in the other optimizers, the leaf's update is NaN (which
+  ``optax.apply_if_finite`` sees), and the other leaves are untouched."""
+  params = {"w": _normal(0, 8, 12), "v": _normal(1, 12, 6)}
+  grads = {"w": _normal(2, 8, 12), "v": _normal(3, 12, 6)}
+  tx = optax_orth.adamuon(1e-2)
+  clean, _ = tx.update(grads, tx.init(params), params)
+  grads["w"] = grads["w"].at[3, 4].set(bad)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert bool(jnp.isnan(updates["w"]).any())
+  np.testing.assert_array_equal(updates["v"], clean["v"])
