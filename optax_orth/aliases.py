@@ -122,10 +122,10 @@ def _optax_ns_steps(ns_coeffs, ns_steps: int) -> int | None:
   as ``"dion"``, or an ``(n, 3)`` array) run once each, and ``n > ns_steps`` is
   an error, as in optax.
   """
-  validation.check_positive_int("ns_steps", ns_steps)
   ns_steps, traced = validation.static_or_traced_int("ns_steps", ns_steps)
   if traced is not None:  # under optax.inject_hyperparams: newton_schulz decides
     return traced
+  validation.check_positive_int("ns_steps", ns_steps)
   if isinstance(ns_coeffs, str):
     preset = orth_lib.PRESETS.get(ns_coeffs)
     rows = 1 if preset is None else len(preset.coeffs)

@@ -388,11 +388,11 @@ def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: _Sym, count=N
 
   With a traced ``count``, ``rows[0]`` runs ``count`` times in a loop.
   """
-  n = len(rows)
+  n, row0 = len(rows), rows[0]
   if first is not None:
     x = _ns_step(first[0], first[1], rows[0], arith, symmetric)
     rows, n = rows[1:], n - 1
-    if n:
+    if n or count is not None:
       x = x.astype(arith.operand)
 
   def step(x, row, last=False):
@@ -401,7 +401,7 @@ def _plain(x, rows, first, arith: _Arith, unroll: bool, symmetric: _Sym, count=N
 
   if count is not None:
     left = count - (first is not None)
-    return jax.lax.fori_loop(0, left, lambda _, x: step(x, rows[-1]), x)
+    return jax.lax.fori_loop(0, left, lambda _, x: step(x, row0), x)
   if unroll or n <= 1:
     for i in range(n):
       x = step(x, rows[i], last=i == n - 1)
@@ -563,7 +563,7 @@ def newton_schulz(
     return jnp.zeros(x.shape, in_dtype)
   sym = _resolve_symmetric(symmetric, arith.low_precision)
   if traced is not None:  # one row, repeated a traced number of times
-    method, rows = "plain", np.repeat(rows, 2, axis=0)
+    method = "plain"
   options = dict(preconditioning=preconditioning, method=method, restart=restart)
   return _iterate(
     x, rows, safety, eps, arith, sym, unroll, traced_steps=traced, **options

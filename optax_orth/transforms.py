@@ -72,7 +72,8 @@ def map_matrices(
   ``x`` the leaf (or its block) and ``args`` the matching entries of
   ``others``, trees with ``tree``'s leaves (a split leaf's state a
   :class:`~optax_orth.routing.Parts`). Returns a tree like ``tree``, or
-  ``outputs`` trees when ``fn`` returns that many values.
+  ``outputs`` trees when ``fn`` returns that many values: the first like
+  ``tree``, the others (per-matrix state) without its ``Variable`` wrappers.
   """
   entries, treedef = leaf_layouts(spec, tree, where)
   cols = [jax.tree.leaves(o, is_leaf=_is_parts) for o in others]
@@ -88,9 +89,13 @@ def map_matrices(
   ]
   if outputs == 1:
     return jax.tree.unflatten(treedef, outs)
-  return tuple(
-    jax.tree.unflatten(treedef, [o[k] for o in outs]) for k in range(outputs)
-  )
+  # The further outputs are per-matrix state: built as init builds state,
+  # without the parameters' Variable annotations.
+  state_def = sharding_lib.plain_treedef(tree)
+  states = [
+    jax.tree.unflatten(state_def, [o[k] for o in outs]) for k in range(1, outputs)
+  ]
+  return (jax.tree.unflatten(treedef, [o[0] for o in outs]), *states)
 
 
 def stat_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
@@ -513,8 +518,6 @@ def scale_by_neuron_rms(
     out, nu = map_matrices(
       weight_dimension_numbers, where, fn, updates, state.nu, outputs=2
     )
-    # The state keeps init's structure (no Variable annotations).
-    nu = jax.tree.unflatten(jax.tree.structure(state.nu), jax.tree.leaves(nu))
     return out, ScaleByNeuronRmsState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
