@@ -665,6 +665,17 @@ def make_newton_schulz(
   The coefficients, ``steps``, ``eps``, ``dtype`` (inexact or ``None``),
   ``method``, ``restart`` and ``preconditioning`` are validated here, at
   construction, not at trace time.
+
+  Args:
+    coeffs: a preset name or coefficient rows, as in :func:`newton_schulz`.
+    steps: Newton–Schulz steps (``None``: the preset's or all rows).
+    eps: non-negative normalization epsilon.
+    dtype: compute dtype (``None``: the input's).
+    **kwargs: further options of :func:`newton_schulz` (``method``,
+      ``restart``, ``preconditioning``, ``symmetric``, ``unroll``, ``safety``).
+
+  Returns:
+    A function from ``(..., m, n)`` arrays to their orthogonalized arrays.
   """
   resolve_coeffs(coeffs, _traced_steps(coeffs, steps)[0])
   _check_options(

@@ -858,6 +858,16 @@ def label_tree(
   A leaf is a matrix where the resolved spec is not ``None`` (``spec=None``
   is :func:`default_routing`; pass :func:`optax_rule` for optax's rule).
 
+  Args:
+    params: the parameter tree (or its updates).
+    spec: a dimension-numbers spec, as the optimizer's
+      ``weight_dimension_numbers``.
+    matrix_label: the label of the matrix leaves.
+    other_label: the label of every other leaf.
+
+  Returns:
+    A tree like ``params`` of labels.
+
   Raises:
     ValueError: naming the leaf, for non-floating-point parameters, and for
       matrix leaves whose dimension numbers do not fit them.
@@ -947,6 +957,14 @@ def routing_table(
   (``orthogonal`` or ``adam``), its matrices (``batch x fan_in x fan_out``),
   and why (the rule, name pattern, operation or shape that decided it;
   see :class:`Decision`).
+
+  Args:
+    params: the parameter tree.
+    weight_dimension_numbers: the spec the optimizer is given (``None``:
+      the default routing).
+
+  Returns:
+    The table, one row per leaf.
   """
   spec = resolve_spec(weight_dimension_numbers)
   labels = jax.tree.leaves(label_tree(params, spec))

@@ -390,6 +390,11 @@ def shape_scale(
   """``sqrt(max(1, fan_out / fan_in))``, or ``c * sqrt(max(fan_in, fan_out))``.
 
   ``1`` for an empty matrix (``fan_in = 0``), whose update is empty anyway.
+
+  Args:
+    fan_in: the matrix's input size.
+    fan_out: its output size.
+    consistent_rms: ``None`` for width scaling, or the target RMS ``c``.
   """
   if consistent_rms is None:
     return jnp.sqrt(jnp.maximum(1, fan_out / max(fan_in, 1)))

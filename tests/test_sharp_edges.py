@@ -193,3 +193,24 @@ def test_adamuon_does_not_absorb_a_non_finite_gradient(bad):
   updates, _ = tx.update(grads, tx.init(params), params)
   assert bool(jnp.isnan(updates["w"]).any())
   np.testing.assert_array_equal(updates["v"], clean["v"])
+
+
+def test_every_public_function_documents_every_argument():
+  import inspect
+  import re
+
+  missing = {}
+  for name in optax_orth.__all__:
+    f = getattr(optax_orth, name)
+    if not inspect.isfunction(f):
+      continue
+    doc = inspect.getdoc(f) or ""
+    args = doc.split("Args:")[1].split("Returns:")[0] if "Args:" in doc else ""
+    documented = set(re.findall(r"^\s+\**(\w+):", args, re.M))
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = [
+      p for p, v in inspect.signature(f).parameters.items() if v.kind not in kinds
+    ]
+    if gaps := [p for p in params if p not in documented]:
+      missing[name] = gaps
+  assert not missing, missing
