@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_orth import orthogonalizers as orth
+from optax_orth._src import orthogonalizers as orth
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16 = jnp.bfloat16

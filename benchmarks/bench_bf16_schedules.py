@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_bf16_accuracy import PRESETS, deviation, exact, reference_bf16
 
-from optax_orth import orthogonalizers as orth
+from optax_orth._src import orthogonalizers as orth
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES = ((2, 2, 1), (3, 2), (4, 1))

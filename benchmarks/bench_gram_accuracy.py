@@ -1,6 +1,6 @@
 """Accuracy of Gram Newton–Schulz against the plain iteration, per restart.
 
-How the default restart periods (``optax_orth.orthogonalizers.GRAM_RESTART``)
+How the default restart periods (``optax_orth._src.orthogonalizers.GRAM_RESTART``)
 were chosen. For matrices ``U diag(s) V^T`` with a geometric spectrum from 1
 down to ``s_min``, this reports, per compute dtype, preset and restart period:
 
@@ -26,7 +26,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from optax_orth import orthogonalizers as orth  # noqa: E402
+from optax_orth._src import orthogonalizers as orth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ run:
    leaf (as ``optax.contrib.muon`` does), and the polar error
    ``||NS(X) - U V^T||_F / ||U V^T||_F`` of each on the same inputs;
 2. the achieved FLOP/s of each path (FLOPs counted exactly by
-   ``optax_orth.orthogonalizers.newton_schulz_flops``; XLA's
+   ``optax_orth._src.orthogonalizers.newton_schulz_flops``; XLA's
    ``cost_analysis()`` as a cross-check) as a fraction of the rate that its
    products can reach, from three large products timed in the same rounds:
    float32, bfloat16 x bfloat16 -> bfloat16, and bfloat16 x bfloat16 with
@@ -60,8 +60,8 @@ from gpt_shapes import gpt2_shapes
 from optax.contrib import _muon as optax_muon
 
 import optax_orth
-from optax_orth import orthogonalizers as orth
-from optax_orth.transforms import orthogonalize_grouped
+from optax_orth._src import orthogonalizers as orth
+from optax_orth._src.transforms import orthogonalize_grouped
 
 ROOT = Path(__file__).resolve().parent.parent
 

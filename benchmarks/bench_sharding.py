@@ -7,7 +7,7 @@ compiled (SPMD-partitioned, per-device) module:
   FLOPs of the same update divided by ``N``;
 * the collectives (all-to-all, all-gather, all-reduce, reduce-scatter,
   collective-permute): count, operand bytes and estimated bytes sent per
-  device (:func:`optax_orth.hlo_collective_bytes`).
+  device (:func:`optax_orth.measure.hlo_collective_bytes`).
 
 Sections:
 
@@ -132,7 +132,7 @@ def measure_default(tx, params, mesh, specs):
   return {
     "flops": flops,
     "ratio": flops / (flops_1 / mesh.size),
-    "coll": optax_orth.hlo_collective_bytes(compiled.as_text(), mesh.size),
+    "coll": optax_orth.measure.hlo_collective_bytes(compiled.as_text(), mesh.size),
     "kept": same(got, g_d) and same(s_new, s_d),
     "diff": diff,
   }
@@ -176,7 +176,7 @@ def explicit_section(layers, width):
   dims = DimNums(1, 2)
   owner = optax_orth.OwnerSharding(mesh, "fsdp")
   replicated = NamedSharding(mesh, P())
-  ns = optax_orth.make_newton_schulz("standard", 5, 1e-8, None)
+  ns = optax_orth._src.orthogonalizers.make_newton_schulz("standard", 5, 1e-8, None)
 
   def replicate_ns(x):
     y = ns(jax.lax.with_sharding_constraint(x, replicated))
@@ -224,7 +224,7 @@ def explicit_section(layers, width):
     compiled = compile_update(tx, params, mesh)
     flops = _cost(compiled)
     base = total[name.split(",")[0]]
-    coll = optax_orth.hlo_collective_bytes(compiled.as_text(), N)
+    coll = optax_orth.measure.hlo_collective_bytes(compiled.as_text(), N)
     lines.append(
       _row(name, {"flops": flops, "ratio": flops / (base / N), "coll": coll})
     )
@@ -389,7 +389,7 @@ def nnx_section(width=128, depth=4):
   results = {}
   for name, make_tx in rows.items():
     c, c1 = compiled(make_tx, mesh), compiled(make_tx, one)
-    coll = optax_orth.hlo_collective_bytes(c.as_text(), N)
+    coll = optax_orth.measure.hlo_collective_bytes(c.as_text(), N)
     results[name] = {
       "flops": _cost(c),
       "ratio": _cost(c) / (_cost(c1) / N),
@@ -423,7 +423,7 @@ def main():
     "",
     "Figures are read from the compiled per-device HLO module: FLOPs from "
     "`cost_analysis()`; collectives parsed with "
-    "`optax_orth.hlo_collective_bytes` (operand bytes per device, and bytes "
+    "`optax_orth.measure.hlo_collective_bytes` (operand bytes per device, and bytes "
     "sent per device estimated as all-to-all `(g-1)/g`, all-gather `g-1`, "
     "all-reduce `2(g-1)/g` times the operand). `total/N` is the FLOPs of the "
     "same update compiled for one device, divided by N. Nothing is timed, so "

@@ -51,10 +51,10 @@ autodoc_type_aliases = {
   "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
   "jax.typing.DTypeLike": "jax.typing.DTypeLike",
   "jax.typing.ArrayLike": "jax.typing.ArrayLike",
-  "DimensionNumbersSpec": "optax_orth.routing.DimensionNumbersSpec",
-  "orth_lib.CoeffsLike": "optax_orth.orthogonalizers.CoeffsLike",
-  "orth_lib.Orthogonalizer": "optax_orth.Orthogonalizer",
-  "orth_lib.Preconditioning": "optax_orth.orthogonalizers.Preconditioning",
+  "DimensionNumbersSpec": "optax_orth._src.routing.DimensionNumbersSpec",
+  "orth_lib.CoeffsLike": "optax_orth._src.orthogonalizers.CoeffsLike",
+  "orth_lib.Orthogonalizer": "optax_orth._src.orthogonalizers.Orthogonalizer",
+  "orth_lib.Preconditioning": "optax_orth._src.orthogonalizers.Preconditioning",
   "optax.Updates": "optax.Updates",
 }
 napoleon_google_docstring = True

@@ -13,7 +13,7 @@ The idiomatic flow, with nothing added for the optimizer:
 
 The optimizer's default ``sharding="auto"`` sees the mesh in context when the
 step is traced and orthogonalizes every weight matrix whole on one device (the
-owner scheme, :mod:`optax_orth.sharding`); results come back in the
+owner scheme, :class:`optax_orth.OwnerSharding`); results come back in the
 parameters' layout. The script checks that the parameters and the momentum
 keep their shardings, that the compiled step has no collective-permute, and
 that the loss decreases.
@@ -140,7 +140,7 @@ def main():
       first = loss if first is None else first
       if step % 50 == 0 or step == ARGS.steps - 1:
         print(f"step {step:4d}  loss {loss:.4f}")
-  coll = optax_orth.hlo_collective_bytes(hlo, n)
+  coll = optax_orth.measure.hlo_collective_bytes(hlo, n)
   print(
     f"{n} devices; collectives per step: "
     + ", ".join(f"{k} {v['count']}" for k, v in coll.items() if k != "total")

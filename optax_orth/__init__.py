@@ -1,74 +1,73 @@
-"""optax_orth: orthogonalized-momentum optimizers as composable Optax blocks."""
+"""optax_orth: orthogonalized-momentum optimizers as composable Optax blocks.
 
-from optax_orth import adam as adam
+Everything public is re-exported here, plus four namespaces:
+:mod:`optax_orth.diagnostics` (per-layer metrics during training),
+:mod:`optax_orth.interop` (states to and from ``optax.contrib.muon``),
+:mod:`optax_orth.layout` (leaves as matrices, for blocks of your own) and
+:mod:`optax_orth.measure` (FLOP and collective-byte counters).
+"""
+
+from optax.contrib import MuonDimensionNumbers as MuonDimensionNumbers
+
 from optax_orth import diagnostics as diagnostics
 from optax_orth import interop as interop
-from optax_orth.aliases import adamuon, muon, namo, namo_d, normuon
-from optax_orth.hyperball import ScaleByHyperballState, scale_by_hyperball
-from optax_orth.model_routing import ModelRouting, route_by_model
-from optax_orth.orthogonalizers import (
-  PRESETS,
-  NewtonSchulzFlops,
-  NewtonSchulzPreset,
-  Orthogonalizer,
-  make_newton_schulz,
-  newton_schulz,
-  newton_schulz_flops,
-  polar_svd,
+from optax_orth import layout as layout
+from optax_orth import measure as measure
+from optax_orth._src.adam import ScaleByAdamState as ScaleByAdamState
+from optax_orth._src.aliases import adamuon as adamuon
+from optax_orth._src.aliases import muon as muon
+from optax_orth._src.aliases import namo as namo
+from optax_orth._src.aliases import namo_d as namo_d
+from optax_orth._src.aliases import normuon as normuon
+from optax_orth._src.hyperball import ScaleByHyperballState as ScaleByHyperballState
+from optax_orth._src.hyperball import scale_by_hyperball as scale_by_hyperball
+from optax_orth._src.model_routing import route_by_model as route_by_model
+from optax_orth._src.orthogonalizers import newton_schulz as newton_schulz
+from optax_orth._src.orthogonalizers import polar_svd as polar_svd
+from optax_orth._src.qk_clip import QKClipSlice as QKClipSlice
+from optax_orth._src.qk_clip import QKClipState as QKClipState
+from optax_orth._src.qk_clip import qk_clip as qk_clip
+from optax_orth._src.rescale import scale_to_rms as scale_to_rms
+from optax_orth._src.routing import DEFAULT_ADAM_PATTERNS as DEFAULT_ADAM_PATTERNS
+from optax_orth._src.routing import RoutingWarning as RoutingWarning
+from optax_orth._src.routing import SplitDimensionNumbers as SplitDimensionNumbers
+from optax_orth._src.routing import route_by_path as route_by_path
+from optax_orth._src.routing import routing_table as routing_table
+from optax_orth._src.sharding import OwnerSharding as OwnerSharding
+from optax_orth._src.sharding import state_shardings as state_shardings
+from optax_orth._src.transforms import MomentumStatistics as MomentumStatistics
+from optax_orth._src.transforms import (
+  OrthogonalizeMomentumState as OrthogonalizeMomentumState,
 )
-from optax_orth.qk_clip import QKClipSlice, QKClipState, qk_clip
-from optax_orth.rescale import scale_to_rms
-from optax_orth.routing import (
-  DEFAULT_ADAM_PATTERNS,
-  MatrixLayout,
-  MuonDimensionNumbers,
-  RoutingWarning,
-  SplitDimensionNumbers,
-  label_tree,
-  matrix_layout,
-  route_by_path,
-  routing_table,
+from optax_orth._src.transforms import ScaleByNeuronRmsState as ScaleByNeuronRmsState
+from optax_orth._src.transforms import (
+  ScaleByNormAdaptiveState as ScaleByNormAdaptiveState,
 )
-from optax_orth.sharding import (
-  OwnerSharding,
-  hlo_collective_bytes,
-  state_shardings,
+from optax_orth._src.transforms import clamp_diagonal as clamp_diagonal
+from optax_orth._src.transforms import orthogonalize_momentum as orthogonalize_momentum
+from optax_orth._src.transforms import scale_by_neuron_rms as scale_by_neuron_rms
+from optax_orth._src.transforms import scale_by_norm_adaptive as scale_by_norm_adaptive
+from optax_orth._src.transforms import scale_by_shape as scale_by_shape
+from optax_orth._src.weight_decay import (
+  AddCautiousWeightDecayState as AddCautiousWeightDecayState,
 )
-from optax_orth.transforms import (
-  MomentumStatistics,
-  OrthogonalizeMomentumState,
-  ScaleByNeuronRmsState,
-  ScaleByNormAdaptiveState,
-  clamp_diagonal,
-  orthogonalize_momentum,
-  scale_by_neuron_rms,
-  scale_by_norm_adaptive,
-  scale_by_shape,
-  shape_scale,
-)
-from optax_orth.weight_decay import (
-  AddCautiousWeightDecayState,
-  add_cautious_weight_decay,
+from optax_orth._src.weight_decay import (
+  add_cautious_weight_decay as add_cautious_weight_decay,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
   "DEFAULT_ADAM_PATTERNS",
-  "PRESETS",
   "AddCautiousWeightDecayState",
-  "MatrixLayout",
-  "ModelRouting",
   "MomentumStatistics",
   "MuonDimensionNumbers",
-  "NewtonSchulzFlops",
-  "NewtonSchulzPreset",
   "OrthogonalizeMomentumState",
-  "Orthogonalizer",
   "OwnerSharding",
   "QKClipSlice",
   "QKClipState",
   "RoutingWarning",
+  "ScaleByAdamState",
   "ScaleByHyperballState",
   "ScaleByNeuronRmsState",
   "ScaleByNormAdaptiveState",
@@ -76,15 +75,14 @@ __all__ = [
   "adamuon",
   "add_cautious_weight_decay",
   "clamp_diagonal",
-  "hlo_collective_bytes",
-  "label_tree",
-  "make_newton_schulz",
-  "matrix_layout",
+  "diagnostics",
+  "interop",
+  "layout",
+  "measure",
   "muon",
   "namo",
   "namo_d",
   "newton_schulz",
-  "newton_schulz_flops",
   "normuon",
   "orthogonalize_momentum",
   "polar_svd",
@@ -97,6 +95,5 @@ __all__ = [
   "scale_by_norm_adaptive",
   "scale_by_shape",
   "scale_to_rms",
-  "shape_scale",
   "state_shardings",
 ]

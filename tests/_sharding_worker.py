@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_orth  # noqa: E402
 from optax_orth import MuonDimensionNumbers as DimNums  # noqa: E402
+from optax_orth.measure import hlo_collective_bytes  # noqa: E402
 
 STEPS = 3
 SHAPES = {
@@ -200,7 +201,7 @@ def compare(out_path):
       tx = optimizers(sharding)[name]
       got, hlo = run_sharded(tx, params, grads, mesh, specs)
       result["diff"][f"{cname}/{name}"] = max_diff(got, reference[name])
-      coll = optax_orth.hlo_collective_bytes(hlo, 8)
+      coll = hlo_collective_bytes(hlo, 8)
       result["collectives"][f"{cname}/{name}"] = {
         k: v["count"] for k, v in coll.items()
       }
@@ -280,7 +281,7 @@ def measure_default(tx, params, grads, mesh, specs):
   return {
     "diff": diff,
     "flops_ratio": _flops(compiled) / (flops_1 / mesh.size),
-    "collectives": optax_orth.hlo_collective_bytes(compiled.as_text(), mesh.size),
+    "collectives": hlo_collective_bytes(compiled.as_text(), mesh.size),
     "layout_kept": same(got, g_d) and same(s_new, s_d),
   }
 

@@ -69,7 +69,7 @@ def run(tx, params, grads, shardings=None):
       g = jax.device_put(g, shardings)
       if not out:
         hlo = update.lower(g, state, params).compile().as_text()
-        a2a = optax_orth.hlo_collective_bytes(hlo, 8)["all-to-all"]["count"]
+        a2a = optax_orth.measure.hlo_collective_bytes(hlo, 8)["all-to-all"]["count"]
     u, state = update(g, state, params)
     if shardings is not None:
       kept &= all(u[k].sharding.is_equivalent_to(shardings[k], u[k].ndim) for k in u)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 import optax_orth
+from optax_orth._src import routing as routing_lib
 from tests import reference_numpy as ref
 
 LR = 0.05
@@ -38,7 +39,7 @@ def random_like(tree, seed):
 
 def flat(tree):
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {optax_orth.routing.leaf_name(p): np.asarray(x) for p, x in flat}
+  return {routing_lib.leaf_name(p): np.asarray(x) for p, x in flat}
 
 
 def muon_updates(params, spec, steps=2):

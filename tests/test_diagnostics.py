@@ -465,7 +465,7 @@ class WrapperTest(chex.TestCase):
         ),
         "adam": optax.adam(1e-3),
       },
-      lambda p: optax_orth.label_tree(p, spec),
+      lambda p: optax_orth.layout.label_tree(p, spec),
     )
     state = tx.init(PARAMS)
     _, state = jax.jit(tx.update)(grads_at(1, PARAMS), state, PARAMS)

@@ -228,10 +228,10 @@ def test_routing_sends_embeddings_and_norms_to_adam():
   cfg = train_lib.TrainConfig(**train_lib.PRESETS["smoke"])
   graphdef, params = train_lib.init_params(train_lib.model_config(cfg, 256), 0)
   routing = train_lib.model_routing(graphdef, params)
-  labels = optax_orth.label_tree(params, routing)
-  assert labels == optax_orth.label_tree(params, optax_orth.route_by_path())
+  labels = optax_orth.layout.label_tree(params, routing)
+  assert labels == optax_orth.layout.label_tree(params, optax_orth.route_by_path())
   qkv = params["blocks"][0]["attn"]["qkv"]["kernel"]
-  layout = optax_orth.matrix_layout(
+  layout = optax_orth.layout.matrix_layout(
     qkv.shape, routing(params)["blocks"][0]["attn"]["qkv"]["kernel"]
   )
   assert (layout.batch, layout.fan_in, layout.fan_out) == (3, 32, 32)

@@ -20,6 +20,7 @@ import pytest
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
+from optax_orth._src.transforms import find_states
 
 warnings.filterwarnings("ignore", category=optax_orth.RoutingWarning)
 
@@ -107,8 +108,8 @@ BLOCKS_BAD = [
   (lambda: optax_orth.scale_by_neuron_rms(b2=1.0), "b2"),
   (lambda: optax_orth.scale_by_neuron_rms(target_rms=-0.2), "target_rms"),
   (lambda: optax_orth.clamp_diagonal(-1.0), "c"),
-  (lambda: optax_orth.adam.scale_by_adam(b1=1.0), "b1"),
-  (lambda: optax_orth.adam.scale_by_adam(eps_root=-1.0), "eps_root"),
+  (lambda: optax_orth._src.adam.scale_by_adam(b1=1.0), "b1"),
+  (lambda: optax_orth._src.adam.scale_by_adam(eps_root=-1.0), "eps_root"),
 ]
 
 
@@ -184,12 +185,10 @@ def test_adam_leaf_trains_again_after_a_huge_gradient(name):
   state = tx.init(params)
   update = jax.jit(tx.update)
   _, state = update(_grads(1e30), state, params)
-  (adam_state,) = optax_orth.transforms.find_states(
-    state, optax_orth.adam.ScaleByAdamState
-  )
+  (adam_state,) = find_states(state, optax_orth.ScaleByAdamState)
   for t in range(20):
     updates, state = update(_grads(1.0, seed=t), state, params)
-    (new,) = optax_orth.transforms.find_states(state, optax_orth.adam.ScaleByAdamState)
+    (new,) = find_states(state, optax_orth.ScaleByAdamState)
     assert float(jnp.min(jnp.abs(updates["b"]))) > 0
     ratio = np.asarray(new.rms["b"]) / np.asarray(adam_state.rms["b"])
     np.testing.assert_allclose(ratio, np.sqrt(b2), rtol=1e-5)
@@ -212,7 +211,7 @@ def test_adam_leaf_trains_again_after_a_huge_gradient(name):
 )
 def test_adam_fallback_equals_optax_adamw(kwargs):
   params = _params()
-  ours, theirs = optax_orth.adam.adamw(1e-2, **kwargs), optax.adamw(1e-2, **kwargs)
+  ours, theirs = optax_orth._src.adam.adamw(1e-2, **kwargs), optax.adamw(1e-2, **kwargs)
   s_ours, s_theirs = ours.init(params), theirs.init(params)
   p_ours = p_theirs = params
   for t in range(30):
@@ -233,6 +232,7 @@ def test_adam_fallback_equals_optax_adamw(kwargs):
 _X64 = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np, optax_orth, warnings
+  from optax_orth._src.transforms import find_states
   warnings.simplefilter("ignore")
   assert jax.config.jax_enable_x64
   rng = np.random.default_rng(0)
@@ -252,7 +252,7 @@ _X64 = textwrap.dedent(
       corr = np.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
       d = corr * np.sqrt(np.sum(mt * mt, axis=axis)) / (np.sqrt(v) + eps)
     kind = optax_orth.ScaleByNormAdaptiveState
-    (step,) = optax_orth.transforms.find_states(state, kind)
+    (step,) = find_states(state, kind)
     got = np.asarray(step.step_size["w"]).reshape(-1)
     assert step.step_size["w"].dtype == jnp.float64
     assert u["w"].dtype == jnp.float64

@@ -7,6 +7,7 @@ import pytest
 from absl.testing import parameterized
 
 import optax_orth
+from optax_orth._src.orthogonalizers import PRESETS
 from tests import reference_numpy as ref
 
 SHAPES = [(16, 24), (24, 16), (20, 20), (3, 8, 12)]
@@ -22,11 +23,11 @@ def _well_conditioned(shape, seed=0, cond=50.0):
 
 
 class NewtonSchulzTest(chex.TestCase, parameterized.TestCase):
-  @parameterized.product(preset=sorted(optax_orth.PRESETS), shape=SHAPES)
+  @parameterized.product(preset=sorted(PRESETS), shape=SHAPES)
   def test_singular_values_inside_the_preset_band(self, preset, shape):
     x = _well_conditioned(shape)
     y = optax_orth.newton_schulz(x, preset)
-    lo, hi = optax_orth.PRESETS[preset].band
+    lo, hi = PRESETS[preset].band
     sv = np.linalg.svd(np.asarray(y, np.float64), compute_uv=False)
     assert lo <= sv.min() and sv.max() <= hi, (sv.min(), sv.max())
     # Same singular vectors as the exact polar factor: y^T p is symmetric PSD.
@@ -70,7 +71,7 @@ class NewtonSchulzTest(chex.TestCase, parameterized.TestCase):
 
   def test_scan_equals_unroll(self):
     x = _well_conditioned((12, 20), seed=5)
-    for preset in optax_orth.PRESETS:
+    for preset in PRESETS:
       np.testing.assert_allclose(
         optax_orth.newton_schulz(x, preset, unroll=False),
         optax_orth.newton_schulz(x, preset),

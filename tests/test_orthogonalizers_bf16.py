@@ -17,7 +17,7 @@ from optax.contrib import _muon as optax_muon
 
 from benchmarks.bench_bf16_accuracy import exact as exact_iteration
 from benchmarks.bench_bf16_accuracy import reference_bf16
-from optax_orth import orthogonalizers as orth
+from optax_orth._src import orthogonalizers as orth
 
 PRESETS = ("standard", "dion", "polar_express")
 BF16 = jnp.bfloat16
@@ -176,7 +176,7 @@ def test_bf16_optimizers_on_stacked_tall_and_wide_leaves(alias):
 def test_grouping_keeps_tall_and_wide_apart():
   # One call per shape and orientation: a transposed stack is not concatenated
   # with untransposed ones of the same shape (the copy measured slower).
-  from optax_orth import transforms
+  from optax_orth._src import transforms
 
   calls = []
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from optax_orth import orthogonalizers as orth
+from optax_orth._src import orthogonalizers as orth
 
 
 def _with_spectrum(seed, batch, r, c, s_min=0.05):

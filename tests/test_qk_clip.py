@@ -9,7 +9,7 @@ import pytest
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
-from optax_orth.qk_clip import QKClipSlice, QKClipState, qk_clip
+from optax_orth._src.qk_clip import QKClipSlice, QKClipState, qk_clip
 from tests import reference_numpy as ref
 from tests import reference_recipes as rr
 

@@ -14,9 +14,9 @@ import optax
 import pytest
 
 import optax_orth
-from optax_orth.hyperball import scale_by_hyperball
-from optax_orth.rescale import scale_to_rms
-from optax_orth.weight_decay import add_cautious_weight_decay, cautious_mask
+from optax_orth._src.hyperball import scale_by_hyperball
+from optax_orth._src.rescale import scale_to_rms
+from optax_orth._src.weight_decay import add_cautious_weight_decay, cautious_mask
 from tests import reference_numpy as ref
 from tests import reference_recipes as rr
 from tests.test_namo_family import (
@@ -106,7 +106,7 @@ def test_scale_to_rms_gives_each_matrix_the_rms():
 
 
 def _adamuon_chain(lr, b2=0.95, wd=0.0, sign=True):
-  ns = optax_orth.make_newton_schulz("standard", 5, 1e-7)
+  ns = optax_orth._src.orthogonalizers.make_newton_schulz("standard", 5, 1e-7)
   orth = (lambda x: ns(jnp.sign(x))) if sign else None
   return optax.chain(
     optax_orth.orthogonalize_momentum(

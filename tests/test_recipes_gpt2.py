@@ -77,7 +77,7 @@ def _muonh(spec):
   )
   return optax.partition(
     {"orthogonal": orthogonal, "adam": optax.adamw(ADAM_LR, b2=0.95)},
-    lambda p: optax_orth.label_tree(p, spec),
+    lambda p: optax_orth.layout.label_tree(p, spec),
   )
 
 
@@ -102,7 +102,7 @@ def _optimizers(mcfg):
         ),
         "adam": optax.adamw(ADAM_LR, b2=0.95),
       },
-      lambda p: optax_orth.label_tree(p, spec),
+      lambda p: optax_orth.layout.label_tree(p, spec),
     ),
     "muonh": _muonh(spec),
     "muon_clip": optax.chain(

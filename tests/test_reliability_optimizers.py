@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_orth
+from optax_orth._src.transforms import find_states
 
 OPTIMIZERS = {
   "muon": lambda: optax_orth.muon(0.02),
@@ -160,9 +161,7 @@ def test_non_finite_value_stays_in_its_leaf(name, bad):
   assert np.isnan(np.asarray(u_bad["w"])).any()
   for k in ("v", "b"):
     np.testing.assert_array_equal(u_bad[k], u_good[k])
-  (momentum,) = optax_orth.transforms.find_states(
-    state_bad, optax_orth.OrthogonalizeMomentumState
-  )
+  (momentum,) = find_states(state_bad, optax_orth.OrthogonalizeMomentumState)
   mu = momentum.mu
   assert not np.all(np.isfinite(mu["w"])) and np.all(np.isfinite(mu["v"]))
 

@@ -10,7 +10,8 @@ from flax import nnx
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
-from optax_orth import routing
+from optax_orth._src import routing
+from optax_orth.layout import label_tree
 from tests.routing_check import rows
 from tests.test_route_by_model import TOKENS, ScannedTransformer
 
@@ -98,15 +99,15 @@ def test_rules_see_nnx_names_without_value_and_unmatched_rules_are_reported():
   state = nnx.state(model, nnx.Param)
   spec = optax_orth.route_by_path({r"blocks/(up|down)/kernel$": DN(1, 2)})
   with pytest.warns(optax_orth.RoutingWarning):  # attention kernels: no rule
-    labels = optax_orth.label_tree(state, spec)
+    labels = label_tree(state, spec)
   assert labels["blocks"]["up"]["kernel"].get_value() == "orthogonal"
   typo = optax_orth.route_by_path({r"blocks/.*/kernal$": DN(1, 2)})
   with pytest.warns(optax_orth.RoutingWarning, match="match no leaf") as record:
-    optax_orth.label_tree(state, typo)
+    label_tree(state, typo)
   assert "blocks/.*/kernal$" in str(record[0].message)
   strict = optax_orth.route_by_path({r"blocks/.*/kernal$": DN(1, 2)}, strict=True)
   with pytest.raises(ValueError, match="kernal"):
-    optax_orth.label_tree(state, strict)
+    label_tree(state, strict)
 
 
 def test_overrides_win_and_unmatched_overrides_are_reported():
@@ -120,7 +121,7 @@ def test_overrides_win_and_unmatched_overrides_are_reported():
   )
   spec = optax_orth.route_by_model(model, TOKENS, overrides={r"blocks/upp/": None})
   with pytest.warns(optax_orth.RoutingWarning, match="blocks/upp/"):
-    optax_orth.label_tree(state, spec)
+    label_tree(state, spec)
 
 
 def test_typo_in_a_nested_spec_key_is_named():
@@ -132,9 +133,9 @@ def test_typo_in_a_nested_spec_key_is_named():
     err.value
   )
   with pytest.raises(ValueError, match="'extra'"):
-    optax_orth.label_tree({"w": jnp.zeros((2, 2))}, {"w": DN(), "extra": DN()})
+    label_tree({"w": jnp.zeros((2, 2))}, {"w": DN(), "extra": DN()})
   with pytest.raises(ValueError, match="'w' is 'matrix'"):
-    optax_orth.label_tree({"w": jnp.zeros((2, 2))}, {"w": "matrix"})
+    label_tree({"w": jnp.zeros((2, 2))}, {"w": "matrix"})
 
 
 def test_spec_trees_fit_any_container():
@@ -146,13 +147,13 @@ def test_spec_trees_fit_any_container():
 
   params = [Layer(jnp.zeros((4, 6)), None), (Layer(jnp.zeros((6, 2)), jnp.zeros(2)),)]
   spec = ({"kernel": DN(), "bias": None}, [{"kernel": None, "bias": None}])
-  labels = optax_orth.label_tree(params, spec)
+  labels = label_tree(params, spec)
   assert labels[0].kernel == "orthogonal" and labels[0].bias is None
   assert labels[1][0].kernel == "adam"
   model = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   pure_spec = {"kernel": DN(), "bias": None}  # a pure dict for an nnx.State
-  assert optax_orth.label_tree(state, pure_spec)["kernel"].get_value() == "orthogonal"
+  assert label_tree(state, pure_spec)["kernel"].get_value() == "orthogonal"
 
 
 def test_head_name_patterns():
@@ -167,7 +168,7 @@ def test_head_name_patterns():
   params = {n: {"kernel": jnp.zeros((4, 4))} for n in names}
   params["decoder_stack"] = {"decoder": {"layers_0": {"kernel": jnp.zeros((4, 4))}}}
   params["mlp"] = {"fc": {"kernel": jnp.zeros((4, 4))}}
-  labels = optax_orth.label_tree(params, None)
+  labels = label_tree(params, None)
   assert all(labels[n]["kernel"] == "adam" for n in names)
   assert labels["decoder_stack"]["decoder"]["layers_0"]["kernel"] == "orthogonal"
   assert labels["mlp"]["fc"]["kernel"] == "orthogonal"  # GPT-2's hidden layer

@@ -21,6 +21,7 @@ from flax import nnx
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth import SplitDimensionNumbers as SplitDN
+from optax_orth._src import routing as routing_lib
 from tests import routing_models as rm
 from tests.routing_check import (
   abstract_nnx,
@@ -79,7 +80,7 @@ def _gpt2_spec(params):
   """GPT-2's routing written out: Conv1D kernels are stored (out, in)."""
 
   def one(path, x):
-    name = optax_orth.routing.leaf_name(path)
+    name = routing_lib.leaf_name(path)
     if not name.endswith("kernel"):
       return None
     if "c_attn" in name:

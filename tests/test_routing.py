@@ -10,6 +10,7 @@ from flax import nnx
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
+from optax_orth._src import routing as routing_lib
 
 
 class TinyLinen(nn.Module):
@@ -37,9 +38,9 @@ class TinyNNX(nnx.Module):
 
 
 def _branches(params, spec):
-  labels = optax_orth.label_tree(params, spec)
+  labels = optax_orth.layout.label_tree(params, spec)
   flat = jax.tree_util.tree_flatten_with_path(labels)[0]
-  return {optax_orth.routing.path_str(p): label for p, label in flat}
+  return {routing_lib.path_str(p): label for p, label in flat}
 
 
 def test_route_by_path_on_linen_params():
@@ -96,9 +97,9 @@ def test_rules_for_stacked_leaves_and_table():
 def test_default_spec_is_route_by_path_and_optax_rule_is_every_matrix():
   params = {"embedding": jnp.zeros((10, 4)), "b": jnp.zeros(4)}
   assert _branches(params, None) == {"b": "adam", "embedding": "adam"}
-  assert optax_orth.routing.resolve_spec(None) is optax_orth.routing.default_routing()
+  assert routing_lib.resolve_spec(None) is routing_lib.default_routing()
   with pytest.warns(optax_orth.RoutingWarning, match="embedding"):
-    branches = _branches(params, optax_orth.routing.optax_rule)
+    branches = _branches(params, routing_lib.optax_rule)
   assert branches == {"b": "adam", "embedding": "orthogonal"}
 
 
@@ -120,7 +121,7 @@ def test_prefix_tree_spec():
 
 def test_matrix_layout_round_trip():
   x = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)
-  lay = optax_orth.matrix_layout(x.shape, DN((1, 3), 0))
+  lay = optax_orth.layout.matrix_layout(x.shape, DN((1, 3), 0))
   assert (lay.batch, lay.fan_in, lay.fan_out) == (4, 15, 2)
   m = lay.to_matrices(x)
   np.testing.assert_array_equal(m[1, :, 0], np.asarray(x[0, :, 1, :]).reshape(-1))
@@ -129,7 +130,7 @@ def test_matrix_layout_round_trip():
 
 def test_integer_leaf_is_named():
   with pytest.raises(ValueError, match="'count'"):
-    optax_orth.label_tree({"count": jnp.zeros((), jnp.int32)}, None)
+    optax_orth.layout.label_tree({"count": jnp.zeros((), jnp.int32)}, None)
 
 
 def test_partition_state_routes_adam():
@@ -137,7 +138,7 @@ def test_partition_state_routes_adam():
   tx = optax_orth.muon(0.1)
   state = tx.init(params)
   adam_state = state.inner_states["adam"].inner_state
-  assert isinstance(adam_state[0], optax_orth.adam.ScaleByAdamState)
+  assert isinstance(adam_state[0], optax_orth.ScaleByAdamState)
 
 
 def test_path_spec_under_inject_hyperparams_is_an_error_not_a_silent_reroute():

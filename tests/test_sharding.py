@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DimNums
-from optax_orth import sharding as sharding_lib
+from optax_orth._src import routing as routing_lib
+from optax_orth._src import sharding as sharding_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, "-m", "tests._sharding_worker"]
@@ -218,7 +219,7 @@ def test_default_is_auto_and_none_turns_it_off():
 
 def test_sharded_batch_axes_first():
   """owner_layouts' reordering: same matrices, the sharded batch axis first."""
-  from optax_orth.routing import matrix_layout
+  from optax_orth._src.routing import matrix_layout
 
   lay = matrix_layout((2, 8, 4, 6), DimNums(2, 3), "experts")
   unknown = ((),) * 4
@@ -280,7 +281,7 @@ def test_state_shardings_mirror_params():
   assert len(flat_sh) == len(flat_state)
   mirrored = 0
   for (path, sh), leaf in zip(flat_sh, flat_state, strict=True):
-    names = optax_orth.routing.path_names(path)
+    names = routing_lib.path_names(path)
     key = names[-1]
     if key in params and leaf.shape == params[key].shape:
       assert sh == shardings[key], names
@@ -308,7 +309,7 @@ ENTRY %main (p0: f32[8,16], p1: bf16[4,4]) -> f32[8,16] {
 
 
 def test_hlo_collective_bytes():
-  got = optax_orth.hlo_collective_bytes(HLO, 8)
+  got = optax_orth.measure.hlo_collective_bytes(HLO, 8)
   assert got["all-to-all"] == {"count": 1, "operand_bytes": 1024, "moved_bytes": 896.0}
   assert got["all-gather"] == {"count": 1, "operand_bytes": 32, "moved_bytes": 96.0}
   assert got["all-reduce"] == {"count": 1, "operand_bytes": 512, "moved_bytes": 512.0}

@@ -17,7 +17,9 @@ from absl.testing import parameterized
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth import SplitDimensionNumbers as SplitDN
-from optax_orth.routing import Parts, from_matrix_list, to_matrix_list
+from optax_orth._src.routing import Parts, from_matrix_list, to_matrix_list
+from optax_orth._src.transforms import find_states
+from optax_orth.layout import label_tree
 from tests import reference_numpy as ref
 from tests import reference_split as ref_split
 
@@ -174,9 +176,7 @@ class StateTest(parameterized.TestCase):
     assert [x.shape for x in d["qkv"]] == [(1, 12)] * 3
     assert [x.shape for x in d["stack"]] == [(3, 8), (3, 8)]
     assert d["heads"].shape == (4, 8) and d["out"].shape == (4, 3)
-    nu = optax_orth.transforms.find_states(state, optax_orth.ScaleByNeuronRmsState)[
-      0
-    ].nu
+    nu = find_states(state, optax_orth.ScaleByNeuronRmsState)[0].nu
     assert [x.shape for x in nu["qkv"]] == [(1, 12), (1, 4), (1, 4)]
     assert [x.shape for x in nu["stack"]] == [(3, 6), (3, 10)]
     # NAMO-D's clamp toward each block's own mean of the raw step sizes.
@@ -208,7 +208,7 @@ class StateTest(parameterized.TestCase):
 class LayoutTest(parameterized.TestCase):
   def test_split_layout_round_trip(self):
     x = jnp.arange(3 * 8 * 16, dtype=jnp.float32).reshape(3, 8, 16)
-    lay = optax_orth.matrix_layout(x.shape, DIMS["stack"])
+    lay = optax_orth.layout.matrix_layout(x.shape, DIMS["stack"])
     assert lay.sizes == (6, 10) and lay.axis == 2 and lay.batch == 6
     mats = to_matrix_list([lay], [x])
     assert [m.shape for m in mats] == [(3, 8, 6), (3, 8, 10)]
@@ -224,7 +224,7 @@ class LayoutTest(parameterized.TestCase):
   )
   def test_heads_view(self, shape, dn, mats_shape, head0, head1):
     x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-    lay = optax_orth.matrix_layout(shape, dn)
+    lay = optax_orth.layout.matrix_layout(shape, dn)
     m = lay.to_matrices(x)
     assert m.shape == mats_shape
     np.testing.assert_array_equal(m[0], x[head0])
@@ -243,7 +243,7 @@ class LayoutTest(parameterized.TestCase):
   def test_errors_name_the_leaf(self, dn, match):
     shape = (3, 8, 12) if "axis" in match else (8, 12)
     with pytest.raises(ValueError, match=match):
-      optax_orth.label_tree({"attn": {"qkv": jnp.zeros(shape)}}, {"attn": {"qkv": dn}})
+      label_tree({"attn": {"qkv": jnp.zeros(shape)}}, {"attn": {"qkv": dn}})
     with pytest.raises(ValueError, match="'attn/qkv'"):
       optax_orth.namo_d(weight_dimension_numbers=dn).init(
         {"attn": {"qkv": jnp.zeros(shape)}}
@@ -276,9 +276,7 @@ class LayoutTest(parameterized.TestCase):
     state_sh = optax_orth.state_shardings(tx, params, sh)
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
     assert isinstance(
-      optax_orth.transforms.find_states(state, optax_orth.ScaleByNormAdaptiveState)[
-        0
-      ].nu["qkv"],
+      find_states(state, optax_orth.ScaleByNormAdaptiveState)[0].nu["qkv"],
       Parts,
     )
 

@@ -323,7 +323,7 @@ def init_params(mcfg: model_lib.GPTConfig, seed: int):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def model_routing(graphdef, params) -> optax_orth.ModelRouting:
+def model_routing(graphdef, params) -> optax_orth._src.model_routing.ModelRouting:
   """The model's routing, read by :func:`optax_orth.route_by_model` from one
   abstract forward pass (as the research script reads it): the attention and
   MLP kernels are orthogonal (the fused QKV kernel as three matrices), the

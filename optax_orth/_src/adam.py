@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_orth import validation
+from optax_orth._src import validation
 
 
 class ScaleByAdamState(NamedTuple):

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_orth import transforms, validation
-from optax_orth.routing import DimensionNumbersSpec
+from optax_orth._src import transforms, validation
+from optax_orth._src.routing import DimensionNumbersSpec
 
 
 class ScaleByHyperballState(NamedTuple):

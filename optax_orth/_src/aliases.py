@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_orth import adam as adam_lib
-from optax_orth import orthogonalizers as orth_lib
-from optax_orth import rescale, routing, transforms, validation
-from optax_orth import weight_decay as wd_lib
-from optax_orth.routing import DimensionNumbersSpec
-from optax_orth.sharding import AUTO, ShardingLike
+from optax_orth._src import adam as adam_lib
+from optax_orth._src import orthogonalizers as orth_lib
+from optax_orth._src import rescale, routing, transforms, validation
+from optax_orth._src import weight_decay as wd_lib
+from optax_orth._src.routing import DimensionNumbersSpec
+from optax_orth._src.sharding import AUTO, ShardingLike
 
 #: The names of the two branches of the optimizers' ``optax.partition``.
 #: :func:`muon` names its orthogonal branch ``"muon"``, as optax does.
@@ -93,8 +93,9 @@ def _adam_fallback(
 ) -> optax.GradientTransformation:
   """AdamW for the non-matrix leaves, at ``learning_rate`` unless overridden.
 
-  :func:`optax_orth.adam.adamw`: ``optax.adamw``'s rule, overflow-safe; with
-  ``cautious_weight_decay``, its decay is
+  ``optax.adamw``'s rule, overflow-safe (its state is
+  :class:`optax_orth.ScaleByAdamState`); with ``cautious_weight_decay``, its
+  decay is
   :func:`optax_orth.add_cautious_weight_decay`.
   """
   lr = learning_rate if adam_learning_rate is None else adam_learning_rate
@@ -209,7 +210,7 @@ def muon(
     adam_weight_decay: Adam's weight decay.
     adam_learning_rate: Adam's learning rate (``None``: ``learning_rate``).
     muon_weight_dimension_numbers: a dimension-numbers spec; ``None``:
-      optax's rule for parity, :func:`optax_orth.routing.optax_rule` (every
+      optax's rule for parity, ``optax_rule`` (every
       2-D leaf is a matrix, embeddings included). This is the one place in
       the package where ``None`` is not the default routing; pass
       :func:`optax_orth.route_by_path` ``()`` to send embeddings and the head

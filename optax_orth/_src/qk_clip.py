@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_orth import validation
-from optax_orth.routing import leaf_name
+from optax_orth._src import validation
+from optax_orth._src.routing import leaf_name
 
 
 class QKClipSlice(NamedTuple):

@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_orth import orthogonalizers as orth_lib
-from optax_orth import sharding as sharding_lib
-from optax_orth import validation
-from optax_orth import weight_decay as wd_lib
-from optax_orth.routing import (
+from optax_orth._src import orthogonalizers as orth_lib
+from optax_orth._src import sharding as sharding_lib
+from optax_orth._src import validation
+from optax_orth._src import weight_decay as wd_lib
+from optax_orth._src.routing import (
   DimensionNumbersSpec,
   MatrixLayout,
   Parts,
@@ -71,7 +71,7 @@ def map_matrices(
   calls ``fn`` once per stack (:meth:`~optax_orth.MatrixLayout.map_parts`),
   ``x`` the leaf (or its block) and ``args`` the matching entries of
   ``others``, trees with ``tree``'s leaves (a split leaf's state a
-  :class:`~optax_orth.routing.Parts`). Returns a tree like ``tree``, or
+  :class:`~optax_orth.layout.Parts`). Returns a tree like ``tree``, or
   ``outputs`` trees when ``fn`` returns that many values: the first like
   ``tree``, the others (per-matrix state) without its ``Variable`` wrappers.
   """
@@ -129,7 +129,7 @@ def row_sq_norms(x: jax.Array, layout: MatrixLayout) -> jax.Array:
 
 def _zeros_per_matrix(layout, dtype, width):
   """Zeros ``(batch, width(part))`` in :func:`stat_dtype` for each block of a
-  leaf (a :class:`~optax_orth.routing.Parts` for a split leaf)."""
+  leaf (a :class:`~optax_orth.layout.Parts` for a split leaf)."""
   dt = stat_dtype(dtype)
   return layout.each(lambda p: jnp.zeros((p.batch, width(p)), dt))
 
@@ -156,7 +156,7 @@ def orthogonalize_grouped(
   :class:`optax_orth.OwnerSharding`), each group is distributed over the mesh
   so that every matrix is orthogonalized whole on one device, and each result
   comes back in its input's layout, see
-  :func:`optax_orth.sharding.owner_orthogonalize`. ``sharding=None``, no
+  ``owner_orthogonalize``. ``sharding=None``, no
   mesh, or one device: the plain grouped call.
   """
   groups: dict[tuple, list[int]] = {}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_orth.routing import path_str
+from optax_orth._src.routing import path_str
 
 
 def _concrete(value) -> float | None:

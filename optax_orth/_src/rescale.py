@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from optax_orth import transforms, validation
-from optax_orth.routing import DimensionNumbersSpec
+from optax_orth._src import transforms, validation
+from optax_orth._src.routing import DimensionNumbersSpec
 
 
 def scale_to_rms(

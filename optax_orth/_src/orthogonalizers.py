@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_orth import validation
+from optax_orth._src import validation
 
 Orthogonalizer = Callable[[jax.Array], jax.Array]
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 
-from optax_orth import routing
-from optax_orth.routing import Decision, SplitDimensionNumbers
+from optax_orth._src import routing
+from optax_orth._src.routing import Decision, SplitDimensionNumbers
 
 try:  # jax >= 0.4.30
   from jax.extend.core import ClosedJaxpr, Jaxpr, Literal

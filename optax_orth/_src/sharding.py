@@ -49,22 +49,7 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optax_orth.routing import path_names
-
-__all__ = [
-  "AUTO",
-  "OwnerSharding",
-  "ShardingLike",
-  "check_sharding",
-  "hlo_collective_bytes",
-  "keep_layout",
-  "owner_axes",
-  "owner_layouts",
-  "owner_orthogonalize",
-  "plain_treedef",
-  "spec_axes",
-  "state_shardings",
-]
+from optax_orth._src.routing import path_names
 
 
 class OwnerSharding(NamedTuple):
@@ -306,7 +291,7 @@ def keep_layout(
   (the Nesterov combination of momentum and gradient) to the momentum's
   layout, so that the compiler computes it where the momentum lives instead
   of moving both operands to the owners (which doubles the inbound traffic),
-  and :func:`optax_orth.transforms.orthogonalize_grouped` ties each result
+  and ``orthogonalize_grouped`` ties each result
   to its input, so that it comes back in the input's layout without
   ``out_shardings`` (and without collective-permutes). A no-op when the
   scheme is off, and on ``Explicit`` axes (where the layout is in the types).

@@ -1,0 +1,1 @@
+"""Private implementation of optax_orth; import from the top-level package."""
