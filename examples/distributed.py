@@ -151,7 +151,7 @@ def main():
     assert x.sharding.is_equivalent_to(sh, x.ndim), "the parameters moved"
   # Every state leaf shaped like a matrix parameter (the momentum) is sharded
   # over the 8 devices, as FSDP wants: each holds 1/8 of it.
-  for x in jax.tree.leaves(nnx.as_pure(optimizer.opt_state)):
+  for x in jax.tree.leaves(optimizer.opt_state):
     if x.ndim == 2 and x.shape[0] == x.shape[1] == ARGS.width:
       assert np.prod(x.sharding.shard_shape(x.shape)) * n == x.size, x.sharding
   print(f"loss {first:.4f} -> {loss:.4f}")

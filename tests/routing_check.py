@@ -12,6 +12,7 @@ import optax
 import optax_orth
 from optax_orth._src import routing as routing_lib
 from tests import reference_numpy as ref
+from tests.helpers import pure
 
 LR = 0.05
 
@@ -125,4 +126,4 @@ def abstract_nnx(make):
 
   model = nnx.eval_shape(make)
   state = nnx.state(model, nnx.Param)
-  return model, state, random_like(nnx.as_pure(state), seed=9)
+  return model, state, random_like(pure(state), seed=9)

@@ -1,6 +1,7 @@
-"""Models written for the route_by_model tests, in layouts that class tables
-misread: Einsum attention with stacked k/v and q/k/v axes, recurrent nets
-with an input projection, grouped and depthwise convolutions, two heads."""
+"""Models written for the route_by_model tests: a scan-over-layers NNX
+transformer, and layouts that class tables misread (Einsum attention with
+stacked k/v and q/k/v axes, recurrent nets with an input projection, grouped
+and depthwise convolutions, two heads)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,46 @@ from flax import linen as nn
 from flax import nnx
 
 D, N, K, HD, FF, V = 8, 4, 2, 4, 16, 20
+L, H = 3, 2  # layers and heads of ScannedTransformer
+TOKENS = jnp.zeros((2, 5), jnp.int32)
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.ln1 = nnx.LayerNorm(D, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+      num_heads=H, in_features=D, decode=False, rngs=rngs
+    )
+    self.ln2 = nnx.LayerNorm(D, rngs=rngs)
+    self.up = nnx.Linear(D, FF, rngs=rngs)
+    self.down = nnx.Linear(FF, D, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.ln1(x))
+    return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class ScannedTransformer(nnx.Module):
+  """Flax's scan-over-layers pattern: layers made by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return Block(rngs)
+
+    self.blocks = create(rngs)
+    self.ln = nnx.LayerNorm(D, rngs=rngs)
+    self.out = nnx.Linear(D, V, rngs=rngs)
+
+  def __call__(self, tokens):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+      return block(x)
+
+    return self.out(self.ln(forward(self.embed(tokens), self.blocks)))
 
 
 class EinsumAttention(nnx.Module):

@@ -11,15 +11,9 @@ import optax
 import pytest
 
 import optax_orth
+from tests import helpers as h
 from tests import reference_recipes as rr
-from tests.test_namo_family import (
-  DIMS,
-  _assert_trajectories_close,
-  _initial_params,
-  _run_optax,
-  _run_reference,
-  _scaled_gradients,
-)
+from tests.helpers import DIMS
 
 STEPS = 20
 
@@ -83,21 +77,21 @@ class _CautiousNorMuon(rr.NorMuonAxis):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_alias_matches_numpy(name):
   make_tx, make_rule = CASES[name]
-  grads = _scaled_gradients(STEPS, seed=7)
-  params = _initial_params()
-  ours = _run_optax(make_tx(), params, grads)
-  theirs = _run_reference(make_rule or _CautiousNorMuon, params, grads)
+  grads = h.scaled_gradients(STEPS, seed=7)
+  params = h.initial_params()
+  ours = h.run_optax(make_tx(), params, grads)
+  theirs = h.run_reference(make_rule or _CautiousNorMuon, params, grads)
   if name == "adamuon":  # no cautious mask: exact to float32
-    _assert_trajectories_close(ours, theirs)
+    h.assert_trajectories_close(ours, theirs)
   else:
     rr.assert_close_up_to_mask_flips(ours, theirs)
 
 
 def test_cautious_decay_differs_from_plain_decay():
-  grads = _scaled_gradients(3, seed=1)
-  params = _initial_params()
-  plain = _run_optax(optax_orth.namo(weight_dimension_numbers=DIMS), params, grads)
-  cautious = _run_optax(
+  grads = h.scaled_gradients(3, seed=1)
+  params = h.initial_params()
+  plain = h.run_optax(optax_orth.namo(weight_dimension_numbers=DIMS), params, grads)
+  cautious = h.run_optax(
     optax_orth.namo(weight_dimension_numbers=DIMS, cautious_weight_decay=True),
     params,
     grads,
@@ -138,9 +132,9 @@ def test_adam_fallback_is_cautious(factory):
 
 
 def test_adamuon_update_rms_and_validation():
-  params = _initial_params()
+  params = h.initial_params()
   tx = optax_orth.adamuon(1.0, weight_decay=0.0, weight_dimension_numbers=DIMS)
-  u, _ = tx.update(_scaled_gradients(1)[0], tx.init(params), params)
+  u, _ = tx.update(h.scaled_gradients(1)[0], tx.init(params), params)
   x = np.asarray(u["stacked"])
   rms = np.sqrt(np.mean(x * x, axis=(1, 2)))
   np.testing.assert_allclose(rms, 0.2, rtol=1e-4)

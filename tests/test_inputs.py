@@ -5,6 +5,7 @@ Each test backs a row of ``docs/reliability.md`` ("Inputs").
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,16 +22,12 @@ import pytest
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth._src.transforms import find_states
+from tests import helpers as h
 
 warnings.filterwarnings("ignore", category=optax_orth.RoutingWarning)
 
-OPTIMIZERS = {
-  "muon": lambda **kw: optax_orth.muon(kw.pop("learning_rate", 0.02), **kw),
-  "namo": optax_orth.namo,
-  "namo_d": optax_orth.namo_d,
-  "normuon": optax_orth.normuon,
-}
-NAMES = sorted(OPTIMIZERS)
+OPTIMIZERS = {n: functools.partial(h.make, n) for n in h.NAMES}
+NAMES = h.NAMES
 
 
 def _params(dtype=jnp.float32, seed=0):
@@ -73,6 +70,7 @@ SPECIFIC_BAD = {
   "namo": [("adam_eps", -1.0), ("b2", 1.0), ("clamp", -0.5), ("scale_coeff", -1)],
   "namo_d": [("adam_eps", -1.0), ("b1", 1.0), ("eps", -1e-8)],
   "normuon": [("target_rms", -0.2), ("target_rms", 0.0), ("adam_eps", -1.0)],
+  "adamuon": [("target_rms", -0.2), ("b2", 1.0), ("eps", -1e-8), ("ns_eps", -1.0)],
 }
 CASES = [(n, a, v) for n in NAMES for a, v in COMMON_BAD + SPECIFIC_BAD[n]]
 

@@ -11,52 +11,11 @@ import pytest
 from absl.testing import parameterized
 
 import optax_orth
-from optax_orth import MuonDimensionNumbers as DN
+from tests import helpers as h
 from tests import reference_numpy as ref
-from tests import trajectories
 
-SHAPES = {"wide": (32, 48), "tall": (48, 32), "stacked": (4, 24, 40)}
-DIMS = {"wide": DN(), "tall": DN(), "stacked": DN(1, 2)}
+SHAPES, DIMS = h.SHAPES, h.DIMS
 STEPS = 25
-
-
-def _scaled_gradients(steps, seed=0):
-  """Gradients with a fixed, leaf-specific scale per row and per column."""
-  rng = np.random.default_rng(seed)
-  scales = {
-    name: (
-      np.exp(rng.uniform(-2, 2, (*shape[:-1], 1))),
-      np.exp(rng.uniform(-2, 2, (1,) * (len(shape) - 1) + shape[-1:])),
-    )
-    for name, shape in SHAPES.items()
-  }
-  return [
-    {
-      name: (rs * rng.standard_normal(SHAPES[name]) * cs).astype(np.float32)
-      for name, (rs, cs) in scales.items()
-    }
-    for _ in range(steps)
-  ]
-
-
-def _initial_params(seed=1):
-  rng = np.random.default_rng(seed)
-  return {
-    n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()
-  }
-
-
-_run_optax = trajectories.run_optax
-_run_reference = trajectories.run_reference
-
-
-def _assert_trajectories_close(ours, theirs, rtol=2e-4, atol=2e-5):
-  assert len(ours) == len(theirs)
-  for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-    for name in a:
-      np.testing.assert_allclose(
-        a[name], b[name], rtol=rtol, atol=atol, err_msg=f"step {step}, leaf {name}"
-      )
 
 
 CASES = {
@@ -95,23 +54,23 @@ class SpecificationTest(parameterized.TestCase):
   )  # fmt: skip
   def test_trajectory_matches_numpy(self, name, kwargs, ref_kwargs):
     make_tx, make_ref = CASES[name]
-    grads = _scaled_gradients(STEPS)
-    params = _initial_params()
-    ours = _run_optax(make_tx(**kwargs), params, grads)
-    theirs = _run_reference(make_ref(**ref_kwargs), params, grads)
-    _assert_trajectories_close(ours, theirs)
+    grads = h.scaled_gradients(STEPS)
+    params = h.initial_params()
+    ours = h.run_optax(make_tx(**kwargs), params, grads)
+    theirs = h.run_reference(make_ref(**ref_kwargs), params, grads)
+    h.assert_trajectories_close(ours, theirs)
 
   def test_schedule_reaches_the_caps(self):
     # A large, decaying learning rate makes the caps min(alpha s, 1) bind early.
     schedule = optax.linear_schedule(5.0, 0.001, STEPS)
-    grads = _scaled_gradients(STEPS, seed=3)
-    params = _initial_params()
+    grads = h.scaled_gradients(STEPS, seed=3)
+    params = h.initial_params()
     tx = optax_orth.namo_d(schedule, weight_dimension_numbers=DIMS)
-    ours = _run_optax(tx, params, grads)
-    theirs = _run_reference(
+    ours = h.run_optax(tx, params, grads)
+    theirs = h.run_reference(
       functools.partial(ref.Namo, schedule, diagonal=True), params, grads
     )
-    _assert_trajectories_close(ours, theirs)
+    h.assert_trajectories_close(ours, theirs)
 
 
 class BlocksTest(chex.TestCase):
@@ -129,7 +88,7 @@ class BlocksTest(chex.TestCase):
     np.testing.assert_allclose(u["w"], ref.ns(mt), atol=2e-5)
 
   def test_updates_are_parameter_shaped_arrays_between_blocks(self):
-    params = _initial_params()
+    params = h.initial_params()
     tx = optax_orth.orthogonalize_momentum(
       statistics=True, weight_dimension_numbers=DIMS
     )
@@ -155,8 +114,8 @@ class BlocksTest(chex.TestCase):
 
   def test_normuon_normalization_on_namo_d_diagonal(self):
     """A variant built from public blocks: NorMuon's normalization under NAMO-D."""
-    grads = _scaled_gradients(12, seed=5)
-    params = _initial_params()
+    grads = h.scaled_gradients(12, seed=5)
+    params = h.initial_params()
     tx = optax_orth.scale_by_norm_adaptive(
       optax.chain(
         optax_orth.orthogonalize_momentum(
@@ -170,7 +129,7 @@ class BlocksTest(chex.TestCase):
       weight_decay=0.1,
       weight_dimension_numbers=DIMS,
     )
-    ours = _run_optax(tx, params, grads)
+    ours = h.run_optax(tx, params, grads)
 
     def variant():
       neuron = ref.NorMuon(0.0)
@@ -178,8 +137,8 @@ class BlocksTest(chex.TestCase):
         0.01, diagonal=True, direction=lambda mt: neuron.normalize(ref.ns(mt))
       )
 
-    theirs = _run_reference(variant, params, grads)
-    _assert_trajectories_close(ours, theirs)
+    theirs = h.run_reference(variant, params, grads)
+    h.assert_trajectories_close(ours, theirs)
 
   def test_norm_adaptive_needs_statistics(self):
     tx = optax_orth.scale_by_norm_adaptive(optax_orth.orthogonalize_momentum(), 0.01)
@@ -232,7 +191,7 @@ class BlocksTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_zero_gradient_gives_zero_update(self):
-    params = _initial_params()
+    params = h.initial_params()
     zeros = jax.tree.map(jnp.zeros_like, params)
     for tx in (
       optax_orth.namo(weight_dimension_numbers=DIMS, weight_decay=0.0),
@@ -244,8 +203,8 @@ class BlocksTest(chex.TestCase):
         assert np.all(np.isfinite(u)) and not np.any(u)
 
   def test_inject_hyperparams(self):
-    params = _initial_params()
-    grads = _scaled_gradients(3)
+    params = h.initial_params()
+    grads = h.scaled_gradients(3)
     for factory, kwargs in (
       (optax_orth.namo_d, {"learning_rate": 0.01, "clamp": 0.5}),
       (optax_orth.namo, {"learning_rate": 0.01, "b2": 0.9}),
@@ -253,8 +212,8 @@ class BlocksTest(chex.TestCase):
     ):
       tx = optax.inject_hyperparams(factory)(weight_dimension_numbers=DIMS, **kwargs)
       plain = factory(weight_dimension_numbers=DIMS, **kwargs)
-      a = _run_optax(tx, params, grads)
-      b = _run_optax(plain, params, grads)
+      a = h.run_optax(tx, params, grads)
+      b = h.run_optax(plain, params, grads)
       chex.assert_trees_all_close(a[-1], b[-1], rtol=1e-6, atol=1e-7)
 
   @parameterized.parameters(("b1", 1.0), ("b2", -0.1), ("eps", -1.0))

@@ -15,9 +15,9 @@ import pytest
 
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
+from tests import helpers as h
 from tests import reference_numpy as ref
 from tests import reference_recipes as rr
-from tests import trajectories
 
 STEPS = 20
 SHAPES = {
@@ -52,8 +52,8 @@ def _grads(seed=0):
   ]
 
 
-_ours = trajectories.run_optax
-_theirs = trajectories.run_reference
+_ours = h.run_optax
+_theirs = h.run_reference
 
 
 def _assert_close(ours, theirs, rtol=2e-4, atol=2e-5):

@@ -17,25 +17,18 @@ import optax_orth
 from optax_orth._src.hyperball import scale_by_hyperball
 from optax_orth._src.rescale import scale_to_rms
 from optax_orth._src.weight_decay import add_cautious_weight_decay, cautious_mask
+from tests import helpers as h
 from tests import reference_numpy as ref
 from tests import reference_recipes as rr
-from tests.test_namo_family import (
-  DIMS,
-  SHAPES,
-  _assert_trajectories_close,
-  _initial_params,
-  _run_optax,
-  _run_reference,
-  _scaled_gradients,
-)
+from tests.helpers import DIMS, SHAPES
 
 STEPS = 20
 
 
 def _trajectories(tx, make_rule, steps=STEPS, seed=0):
-  grads = _scaled_gradients(steps, seed=seed)
-  params = _initial_params()
-  return _run_optax(tx, params, grads), _run_reference(make_rule, params, grads)
+  grads = h.scaled_gradients(steps, seed=seed)
+  params = h.initial_params()
+  return h.run_optax(tx, params, grads), h.run_reference(make_rule, params, grads)
 
 
 # ---------------------------------------------------------------------------
@@ -95,7 +88,7 @@ def test_cautious_muon_recipe_matches_numpy():
 
 
 def test_scale_to_rms_gives_each_matrix_the_rms():
-  params = _initial_params()
+  params = h.initial_params()
   out, _ = scale_to_rms(0.2, weight_dimension_numbers=DIMS).update(params, ())
   for name, x in out.items():
     x = np.asarray(x).reshape(-1, *SHAPES[name][-2:])
@@ -124,7 +117,7 @@ def test_adamuon_chain_matches_numpy(sign):
   tx = _adamuon_chain(3e-3, wd=0.1, sign=sign)
   rule = functools.partial(rr.AdaMuon, 3e-3, wd=0.1, sign=sign)
   ours, theirs = _trajectories(tx, rule, seed=2)
-  _assert_trajectories_close(ours, theirs)
+  h.assert_trajectories_close(ours, theirs)
 
 
 # ---------------------------------------------------------------------------
@@ -139,8 +132,8 @@ def test_muonh_recipe_matches_numpy_and_keeps_norms():
     scale_by_hyperball(0.05, weight_dimension_numbers=DIMS),
   )
   ours, theirs = _trajectories(tx, functools.partial(rr.MuonH, 0.05))
-  _assert_trajectories_close(ours, theirs)
-  start = _initial_params()
+  h.assert_trajectories_close(ours, theirs)
+  start = h.initial_params()
   for name, shape in SHAPES.items():
     norms = [
       np.linalg.norm(np.reshape(x, (-1, *shape[-2:])), axis=(1, 2))
@@ -179,11 +172,11 @@ def test_neuron_rms_axis_matches_numpy(axis):
   )
   rule = functools.partial(rr.NorMuonAxis, 0.02, axis)
   ours, theirs = _trajectories(tx, rule, seed=4)
-  _assert_trajectories_close(ours, theirs)
+  h.assert_trajectories_close(ours, theirs)
 
 
 def test_neuron_rms_axis_state_shapes():
-  params = _initial_params()
+  params = h.initial_params()
   for axis, want in (
     ("fan_out", {"wide": (1, 48), "tall": (1, 32), "stacked": (4, 40)}),
     ("fan_in", {"wide": (1, 32), "tall": (1, 48), "stacked": (4, 24)}),
@@ -216,4 +209,4 @@ def test_normuon_on_namo_d_recipe_matches_numpy():
     )
 
   ours, theirs = _trajectories(tx, variant, seed=5)
-  _assert_trajectories_close(ours, theirs)
+  h.assert_trajectories_close(ours, theirs)

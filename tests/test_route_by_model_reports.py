@@ -13,7 +13,7 @@ from optax_orth import MuonDimensionNumbers as DN
 from optax_orth._src import routing
 from optax_orth.layout import label_tree
 from tests.routing_check import rows
-from tests.test_route_by_model import TOKENS, ScannedTransformer
+from tests.routing_models import TOKENS, ScannedTransformer
 
 
 @pytest.fixture

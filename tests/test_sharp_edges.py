@@ -14,6 +14,7 @@ import pytest
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth import SplitDimensionNumbers as SplitDN
+from tests import helpers as h
 
 
 def _normal(seed, *shape):
@@ -165,7 +166,20 @@ def test_adamuon_step_does_not_shrink_with_the_gradient():
   assert np.sqrt(np.mean(steps[0] ** 2)) == pytest.approx(1e-2 * 0.2, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["muon", "namo", "namo_d", "normuon", "adamuon"])
+def test_the_registry_holds_every_alias():
+  """The tests' registry is the package's list; every public alias is in it."""
+  import inspect
+
+  aliases = {
+    n
+    for n in optax_orth.__all__
+    if inspect.isfunction(getattr(optax_orth, n))
+    and getattr(optax_orth, n).__module__ == "optax_orth._src.aliases"
+  }
+  assert aliases == set(h.NAMES), (aliases, h.NAMES)
+
+
+@pytest.mark.parametrize("name", h.NAMES)
 def test_help_documents_every_argument(name):
   """``help(optax_orth.NAME)`` has an ``Args:`` entry for every parameter
   (a derived alias such as ``namo_d`` included)."""
@@ -198,10 +212,17 @@ def test_adamuon_does_not_absorb_a_non_finite_gradient(bad):
 def test_every_public_function_documents_every_argument():
   import inspect
   import re
+  import types
 
-  missing = {}
+  public = {}
   for name in optax_orth.__all__:
-    f = getattr(optax_orth, name)
+    obj = getattr(optax_orth, name)
+    if isinstance(obj, types.ModuleType):  # a namespace: its own names
+      public |= {f"{name}.{n}": v for n, v in vars(obj).items() if n[0] != "_"}
+    else:
+      public[name] = obj
+  missing = {}
+  for name, f in public.items():
     if not inspect.isfunction(f):
       continue
     doc = inspect.getdoc(f) or ""

@@ -16,15 +16,10 @@ import optax
 import pytest
 from flax import nnx
 
-import optax_orth
+from tests import helpers as h
 
-OPTIMIZERS = {
-  "muon": optax_orth.muon,
-  "namo": optax_orth.namo,
-  "namo_d": optax_orth.namo_d,
-  "normuon": optax_orth.normuon,
-  "adamuon": optax_orth.adamuon,
-}
+OPTIMIZERS = {n: functools.partial(h.make, n) for n in h.NAMES}
+NAMES = h.NAMES
 
 pytestmark = pytest.mark.filterwarnings("ignore::optax_orth.RoutingWarning")
 

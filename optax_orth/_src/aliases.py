@@ -65,6 +65,28 @@ def _parameter_shapes(state: optax.PartitionState, labels: tuple[str, str]) -> A
   return jax.tree.unflatten(treedef, leaves)
 
 
+def _block_kinds(state: optax.PartitionState, label: str) -> tuple[str, ...]:
+  """The state types of one branch's blocks, in chain order."""
+  inner = state.inner_states.get(label)
+  inner = getattr(inner, "inner_state", inner)
+  if isinstance(inner, tuple) and not hasattr(inner, "_fields"):
+    return tuple(type(s).__name__ for s in inner)
+  return (type(inner).__name__,)
+
+
+def _check_block_kinds(state, expected, labels: tuple[str, str]) -> None:
+  """The state of another optimizer of this package has the same two branches
+  and moments, and can even have as many blocks; its block states differ."""
+  for label in labels:
+    got, want = _block_kinds(state, label), _block_kinds(expected, label)
+    if got != want:
+      raise ValueError(
+        f"update: the {label!r} branch of the state holds {list(got)}, but "
+        f"this optimizer's init returns {list(want)}. Pass the state that "
+        "this optimizer's init returned (called init first?)."
+      )
+
+
 def _partition(
   orthogonal: optax.GradientTransformation,
   adam: optax.GradientTransformation,
@@ -80,6 +102,7 @@ def _partition(
     # Name the offending leaf before optax.partition fails on a bare tree error.
     reference = _parameter_shapes(state, labels)
     validation.check_matches_state(updates, reference, "update")
+    _check_block_kinds(state, jax.eval_shape(tx.init, reference), labels)
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -750,3 +773,14 @@ def adamuon(
     weight_decay=adam_weight_decay,
   )
   return _partition(orthogonal, adam, spec)
+
+
+#: Every optimizer alias, by name. The tests read their registry from here, so
+#: an alias added to this dict gets every shared input and reliability test.
+ALIASES: dict[str, Callable[..., optax.GradientTransformation]] = {
+  "muon": muon,
+  "namo": namo,
+  "namo_d": namo_d,
+  "normuon": normuon,
+  "adamuon": adamuon,
+}

@@ -80,6 +80,13 @@ def max_min_ratio(v: jax.Array, axis: int = -1) -> jax.Array:
 
   Conventions, so that no NaN appears: ``1`` when every entry is ``0`` (all
   equal), ``+inf`` when the minimum is ``0`` and the maximum is not.
+
+  Args:
+    v: a non-negative array.
+    axis: the axis to reduce.
+
+  Returns:
+    ``v`` reduced along ``axis``.
   """
   hi = jnp.max(v, axis=axis)
   lo = jnp.min(v, axis=axis)
@@ -88,14 +95,29 @@ def max_min_ratio(v: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def coefficient_of_variation(v: jax.Array, axis: int = -1) -> jax.Array:
-  """``std(v) / mean(v)`` along ``axis`` (population std); ``0`` if the mean is 0."""
+  """``std(v) / mean(v)`` along ``axis`` (population std); ``0`` if the mean is 0.
+
+  Args:
+    v: a non-negative array.
+    axis: the axis to reduce.
+
+  Returns:
+    ``v`` reduced along ``axis``.
+  """
   mean = jnp.mean(v, axis=axis)
   std = jnp.std(v, axis=axis)
   return jnp.where(mean > 0, std / jnp.where(mean > 0, mean, 1.0), 0.0)
 
 
 def rms(x: jax.Array) -> jax.Array:
-  """``||X||_F / sqrt(m n)`` of each trailing ``(m, n)`` matrix."""
+  """``||X||_F / sqrt(m n)`` of each trailing ``(m, n)`` matrix.
+
+  Args:
+    x: an array of shape ``(..., m, n)``.
+
+  Returns:
+    An array of shape ``(...)``.
+  """
   x = _check_stack(x, "rms")
   return jnp.sqrt(jnp.mean(x * x, axis=(-2, -1)))
 
@@ -185,7 +207,14 @@ def orthogonality_error(x: jax.Array) -> jax.Array:
 
 
 def neuron_norms(x: jax.Array) -> jax.Array:
-  """``||X[:, j]||`` for each neuron (column) ``j``: shape ``(..., n)``."""
+  """``||X[:, j]||`` for each neuron (column) ``j``.
+
+  Args:
+    x: an array of shape ``(..., m, n)``, neurons along the last axis.
+
+  Returns:
+    An array of shape ``(..., n)``.
+  """
   x = _check_stack(x, "neuron_norms")
   return jnp.sqrt(jnp.sum(x * x, axis=-2))
 

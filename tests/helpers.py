@@ -1,0 +1,137 @@
+"""What the tests share: the optimizer registry, tolerances, trajectories.
+
+* ``OPTIMIZERS`` is read from the package's own list of aliases
+  (``optax_orth._src.aliases.ALIASES``): a new alias gets every shared input
+  and reliability test without editing a test file.
+* ``run_optax`` / ``run_reference`` give the parameters after each step of an
+  optax transformation and of a NumPy rule (``tests/reference_numpy.py``),
+  ``assert_trajectories_close`` compares them at ``RTOL`` / ``ATOL``.
+* ``SHAPES`` / ``DIMS``: wide, tall and stacked leaves, with their dimension
+  numbers, and the gradients and parameters the trajectory tests use.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import numpy as np
+import optax
+
+from optax_orth import MuonDimensionNumbers as DN
+from optax_orth._src.aliases import ALIASES
+
+# ---------------------------------------------------------------------------
+# The registry.
+
+OPTIMIZERS = dict(ALIASES)
+NAMES = sorted(OPTIMIZERS)
+#: The learning rate an alias is built with when it has no default.
+DEFAULT_LEARNING_RATE = 0.02
+
+
+def make(name: str, *args, **kwargs) -> optax.GradientTransformation:
+  """``OPTIMIZERS[name](...)``, at ``DEFAULT_LEARNING_RATE`` if it needs one."""
+  fn = OPTIMIZERS[name]
+  lr = inspect.signature(fn).parameters["learning_rate"]
+  if not args and "learning_rate" not in kwargs and lr.default is lr.empty:
+    kwargs["learning_rate"] = DEFAULT_LEARNING_RATE
+  return fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Tolerances: float32 updates against float64 NumPy rules over 20-30 steps.
+
+RTOL = 2e-4
+ATOL = 2e-5
+
+# ---------------------------------------------------------------------------
+# Leaves and gradients.
+
+SHAPES = {"wide": (32, 48), "tall": (48, 32), "stacked": (4, 24, 40)}
+DIMS = {"wide": DN(), "tall": DN(), "stacked": DN(1, 2)}
+
+
+def scaled_gradients(steps, seed=0):
+  """Gradients with a fixed, leaf-specific scale per row and per column."""
+  rng = np.random.default_rng(seed)
+  scales = {
+    name: (
+      np.exp(rng.uniform(-2, 2, (*shape[:-1], 1))),
+      np.exp(rng.uniform(-2, 2, (1,) * (len(shape) - 1) + shape[-1:])),
+    )
+    for name, shape in SHAPES.items()
+  }
+  return [
+    {
+      name: (rs * rng.standard_normal(SHAPES[name]) * cs).astype(np.float32)
+      for name, (rs, cs) in scales.items()
+    }
+    for _ in range(steps)
+  ]
+
+
+def initial_params(seed=1):
+  rng = np.random.default_rng(seed)
+  return {
+    n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()
+  }
+
+
+# ---------------------------------------------------------------------------
+# Trajectories.
+
+
+def run_optax(tx, params, grads, jit=True):
+  """The parameters after each step of ``tx`` on ``grads``, as NumPy trees."""
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  trajectory = []
+  for g in grads:
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    trajectory.append(jax.tree.map(np.asarray, params))
+  return trajectory
+
+
+def run_reference(make_rule, params, grads):
+  """Runs one NumPy rule per matrix (per batch element for stacked leaves),
+  in float64; ``params`` and each of ``grads`` are dicts of leaves."""
+  params = {n: np.asarray(p, np.float64) for n, p in params.items()}
+  rules = {
+    n: [make_rule() for _ in range(p.shape[0])] if p.ndim == 3 else make_rule()
+    for n, p in params.items()
+  }
+  trajectory = []
+  for g in grads:
+    new = {}
+    for n, p in params.items():
+      gn = np.asarray(g[n], np.float64)
+      if p.ndim == 3:
+        new[n] = np.stack([rules[n][b].step(p[b], gn[b]) for b in range(p.shape[0])])
+      else:
+        new[n] = rules[n].step(p, gn)
+    params = new
+    trajectory.append(params)
+  return trajectory
+
+
+def assert_trajectories_close(ours, theirs, rtol=RTOL, atol=ATOL):
+  assert len(ours) == len(theirs)
+  for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+    for name in a:
+      np.testing.assert_allclose(
+        a[name], b[name], rtol=rtol, atol=atol, err_msg=f"step {step}, leaf {name}"
+      )
+
+
+# ---------------------------------------------------------------------------
+# Trees.
+
+
+def pure(tree):
+  """``tree`` with Flax ``Variable`` nodes replaced by their values (as
+  ``nnx.as_pure`` of flax >= 0.12.7 does, on every supported flax)."""
+  is_var = lambda x: callable(getattr(type(x), "get_metadata", None))
+  value = lambda x: x.get_value() if hasattr(x, "get_value") else x.value
+  return jax.tree.map(lambda x: value(x) if is_var(x) else x, tree, is_leaf=is_var)
