@@ -21,28 +21,30 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import optax_orth
+from tests import helpers as h
 from tests import reference_recipes as rr
-from tests import test_peers as tp
 
 
 def _gap(tx, make_rule) -> float:
-  params, grads = tp._params(), tp._grads()
-  ours, theirs = tp._ours(tx, params, grads), tp._theirs(make_rule, params, grads)
-  return max(float(np.max(np.abs(ours[-1][n] - theirs[-1][n]))) for n in tp.SHAPES)
+  params = h.initial_params(1, h.PEER_SHAPES)
+  grads = h.scaled_gradients(h.PEER_STEPS, 0, h.PEER_SHAPES, spread=1.0)
+  ours = h.run_optax(tx, params, grads)
+  theirs = h.run_reference(make_rule, params, grads)
+  return max(float(np.max(np.abs(ours[-1][n] - theirs[-1][n]))) for n in h.PEER_SHAPES)
 
 
 def _muonh(coeffs, eps):
   return optax.chain(
     optax_orth.orthogonalize_momentum(
-      0.95, ns_coeffs=coeffs, eps=eps, weight_dimension_numbers=tp.DIMS
+      0.95, ns_coeffs=coeffs, eps=eps, weight_dimension_numbers=h.PEER_DIMS
     ),
-    optax_orth.scale_by_hyperball(0.05, weight_dimension_numbers=tp.DIMS),
+    optax_orth.scale_by_hyperball(0.05, weight_dimension_numbers=h.PEER_DIMS),
   )
 
 
 def main() -> None:
-  dims = tp.DIMS
-  lr = optax.linear_schedule(0.05, 0.005, tp.STEPS)
+  dims = h.PEER_DIMS
+  lr = optax.linear_schedule(0.05, 0.005, h.PEER_STEPS)
   modded = lambda: rr.ModdedNorMuon(lambda t: float(lr(t)), wd=1.2)
   current = lambda: rr.AdaMuon(3e-3, wd=0.01)
   first = lambda: rr.AdaMuon(3e-3, b2=0.999, sign=False, bias2=True, wd=0.01)
@@ -78,8 +80,8 @@ def main() -> None:
     ),
     (
       "modded-nanogpt NorMuon",
-      _gap(tp._modded_normuon(lr, 1.2), modded),
-      _gap(tp._modded_normuon(lr, 1.2, order="former"), modded),
+      _gap(h.modded_normuon(lr, 1.2, h.PEER_DIMS), modded),
+      _gap(h.modded_normuon(lr, 1.2, h.PEER_DIMS, order="former"), modded),
     ),
   ]
   print("| peer | recipe now | recipe before |")

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import optax
 
+import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth._src.aliases import ALIASES
 
@@ -50,31 +51,42 @@ ATOL = 2e-5
 
 SHAPES = {"wide": (32, 48), "tall": (48, 32), "stacked": (4, 24, 40)}
 DIMS = {"wide": DN(), "tall": DN(), "stacked": DN(1, 2)}
+#: The peers' tests (tests/test_peers.py, benchmarks/peer_gaps.py) add a
+#: square leaf.
+PEER_SHAPES = {
+  "wide": (24, 40),
+  "tall": (40, 24),
+  "square": (32, 32),
+  "stacked": (3, 16, 28),
+}
+PEER_DIMS = {"wide": DN(), "tall": DN(), "square": DN(), "stacked": DN(1, 2)}
+PEER_STEPS = 20
 
 
-def scaled_gradients(steps, seed=0):
-  """Gradients with a fixed, leaf-specific scale per row and per column."""
+def scaled_gradients(steps, seed=0, shapes=SHAPES, spread=2.0):
+  """Gradients with a fixed, leaf-specific scale per row and per column, each
+  ``exp(uniform(-spread, spread))``."""
   rng = np.random.default_rng(seed)
   scales = {
     name: (
-      np.exp(rng.uniform(-2, 2, (*shape[:-1], 1))),
-      np.exp(rng.uniform(-2, 2, (1,) * (len(shape) - 1) + shape[-1:])),
+      np.exp(rng.uniform(-spread, spread, (*shape[:-1], 1))),
+      np.exp(rng.uniform(-spread, spread, (1,) * (len(shape) - 1) + shape[-1:])),
     )
-    for name, shape in SHAPES.items()
+    for name, shape in shapes.items()
   }
   return [
     {
-      name: (rs * rng.standard_normal(SHAPES[name]) * cs).astype(np.float32)
+      name: (rs * rng.standard_normal(shapes[name]) * cs).astype(np.float32)
       for name, (rs, cs) in scales.items()
     }
     for _ in range(steps)
   ]
 
 
-def initial_params(seed=1):
+def initial_params(seed=1, shapes=SHAPES):
   rng = np.random.default_rng(seed)
   return {
-    n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()
+    n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()
   }
 
 
@@ -135,3 +147,24 @@ def pure(tree):
   is_var = lambda x: callable(getattr(type(x), "get_metadata", None))
   value = lambda x: x.get_value() if hasattr(x, "get_value") else x.value
   return jax.tree.map(lambda x: value(x) if is_var(x) else x, tree, is_leaf=is_var)
+
+
+# ---------------------------------------------------------------------------
+# Recipes built from the public blocks, shared by tests and benchmarks.
+
+
+def modded_normuon(lr, wd, dims, order="modded"):
+  """modded-nanogpt's NorMuon (``train_gpt.py`` at ``f411b3d``) from the blocks;
+  ``order="former"``: the decay after the shape factor, at the rate ``wd``."""
+  blocks = [
+    optax_orth.orthogonalize_momentum(
+      0.95, ns_coeffs="polar_express", eps=1e-6, weight_dimension_numbers=dims
+    ),
+    optax_orth.scale_by_neuron_rms(0.9, axis="larger", weight_dimension_numbers=dims),
+    optax_orth.add_cautious_weight_decay(lambda t: wd * lr(t)),
+    optax_orth.scale_by_shape(dims),
+    optax.scale_by_learning_rate(lr),
+  ]
+  if order != "modded":
+    blocks[2:4] = [blocks[3], optax_orth.add_cautious_weight_decay(wd)]
+  return optax.chain(*blocks)

@@ -19,41 +19,15 @@ from tests import helpers as h
 from tests import reference_numpy as ref
 from tests import reference_recipes as rr
 
-STEPS = 20
-SHAPES = {
-  "wide": (24, 40),
-  "tall": (40, 24),
-  "square": (32, 32),
-  "stacked": (3, 16, 28),
-}
-DIMS = {"wide": DN(), "tall": DN(), "square": DN(), "stacked": DN(1, 2)}
+STEPS, SHAPES, DIMS = h.PEER_STEPS, h.PEER_SHAPES, h.PEER_DIMS
 
 
-def _params(seed=1):
-  rng = np.random.default_rng(seed)
-  return {
-    n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()
-  }
+def _params():
+  return h.initial_params(1, SHAPES)
 
 
-def _grads(seed=0):
-  """Gradients with a fixed scale per row and per column of each leaf."""
-  rng = np.random.default_rng(seed)
-  scales = {
-    n: (np.exp(rng.uniform(-1, 1, (*s[:-1], 1))), np.exp(rng.uniform(-1, 1, s[-1])))
-    for n, s in SHAPES.items()
-  }
-  return [
-    {
-      n: (r * rng.standard_normal(SHAPES[n]) * c).astype(np.float32)
-      for n, (r, c) in scales.items()
-    }
-    for _ in range(STEPS)
-  ]
-
-
-_ours = h.run_optax
-_theirs = h.run_reference
+def _grads():
+  return h.scaled_gradients(STEPS, 0, SHAPES, spread=1.0)
 
 
 def _assert_close(ours, theirs, rtol=2e-4, atol=2e-5):
@@ -66,7 +40,10 @@ def _assert_close(ours, theirs, rtol=2e-4, atol=2e-5):
 
 def _compare(tx, make_rule, cautious=False):
   params, grads = _params(), _grads()
-  ours, theirs = _ours(tx, params, grads), _theirs(make_rule, params, grads)
+  ours, theirs = (
+    h.run_optax(tx, params, grads),
+    h.run_reference(make_rule, params, grads),
+  )
   if cautious:  # the mask 1[u K >= 0] may flip where u rounds to zero
     rr.assert_close_up_to_mask_flips(ours, theirs)
   else:
@@ -94,8 +71,12 @@ def test_adamuon_options_give_the_first_upload():
 def test_adamuon_releases_differ():
   """The two releases are different rules: the test above could fail."""
   params, grads = _params(), _grads()
-  a = _ours(optax_orth.adamuon(3e-3, weight_dimension_numbers=DIMS), params, grads)
-  b = _theirs(lambda: rr.AdaMuon(3e-3, b2=0.999, sign=False, bias2=True), params, grads)
+  a = h.run_optax(
+    optax_orth.adamuon(3e-3, weight_dimension_numbers=DIMS), params, grads
+  )
+  b = h.run_reference(
+    lambda: rr.AdaMuon(3e-3, b2=0.999, sign=False, bias2=True), params, grads
+  )
   assert max(np.max(np.abs(a[-1][n] - b[-1][n])) for n in SHAPES) > 1e-3
 
 
@@ -119,27 +100,12 @@ def test_muonh_with_the_standard_rows_is_not_levanters():
     _compare(tx, lambda: rr.MuonH(0.05))
 
 
-def _modded_normuon(lr, wd, order="modded"):
-  blocks = [
-    optax_orth.orthogonalize_momentum(
-      0.95, ns_coeffs="polar_express", eps=1e-6, weight_dimension_numbers=DIMS
-    ),
-    optax_orth.scale_by_neuron_rms(0.9, axis="larger", weight_dimension_numbers=DIMS),
-    optax_orth.add_cautious_weight_decay(lambda t: wd * lr(t)),
-    optax_orth.scale_by_shape(DIMS),
-    optax.scale_by_learning_rate(lr),
-  ]
-  if order != "modded":  # the decay after the shape factor, and times lr only
-    blocks[2:4] = [blocks[3], optax_orth.add_cautious_weight_decay(wd)]
-  return optax.chain(*blocks)
-
-
 def test_modded_nanogpt_normuon_recipe_under_a_schedule():
   lr = optax.linear_schedule(0.05, 0.005, STEPS)
   rule = lambda: rr.ModdedNorMuon(lambda t: float(lr(t)), wd=1.2)
-  _compare(_modded_normuon(lr, 1.2), rule, cautious=True)
+  _compare(h.modded_normuon(lr, 1.2, DIMS), rule, cautious=True)
   with pytest.raises(AssertionError):  # the former order is another rule
-    _compare(_modded_normuon(lr, 1.2, order="former"), rule, cautious=True)
+    _compare(h.modded_normuon(lr, 1.2, DIMS, order="former"), rule, cautious=True)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
