@@ -24,6 +24,7 @@ import types
 import pytest
 
 import optax_orth
+from tests import helpers as h
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -216,3 +217,17 @@ def _resolves(name: str) -> bool:
 def test_api_reference_names_exist():
   stale = sorted(n for n in documented_names() if not _resolves(n))
   assert not stale, f"docs/api.rst documents names optax_orth lacks: {stale}"
+
+
+@pytest.mark.parametrize("name", h.NAMES)
+def test_alias_examples_run_as_doctests(name):
+  """Each alias's ``Examples:`` section runs, and prints what it says."""
+  import doctest
+
+  fn = getattr(optax_orth, name)
+  assert "\n  Examples:\n" in (fn.__doc__ or ""), f"{name} has no Examples section"
+  runner = doctest.DocTestRunner()
+  for test in doctest.DocTestFinder().find(fn, name, globs={}):
+    runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.attempted >= 5 and result.failed == 0, result

@@ -35,7 +35,7 @@ class ScaleByAdamState(NamedTuple):
       the parameters). ``optax.adamw``'s ``nu`` is ``rms ** 2``.
   """
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
   mu: optax.Updates
   rms: optax.Updates
 
@@ -104,7 +104,7 @@ def scale_by_adam(
       )
     else:
       mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-    root = jnp.sqrt(1 - b2 ** count_inc.astype(jnp.float32))
+    root = jnp.sqrt(1 - b2 ** jnp.asarray(count_inc, jnp.float32))
 
     def scale(m, r):
       denom = r / root.astype(r.dtype)

@@ -139,7 +139,7 @@ def _decay(weight_decay, mask, cautious: bool) -> optax.GradientTransformation:
   return optax.add_decayed_weights(weight_decay, mask)
 
 
-def _optax_ns_steps(ns_coeffs, ns_steps: int) -> int | None:
+def _optax_ns_steps(ns_coeffs, ns_steps: Any) -> Any:
   """``ns_steps`` as ``optax.contrib.muon`` reads it with ``ns_coeffs``.
 
   One row repeats for ``ns_steps`` steps; ``n`` rows (a multi-row preset such
@@ -256,6 +256,20 @@ def muon(
     <https://kellerjordan.github.io/posts/muon/>`_, 2024.
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_orth
+    >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+    >>> g = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> grads = {"w": g, "b": jnp.ones(8)}  # w: a matrix; b: the AdamW fallback
+    >>> tx = optax_orth.muon(learning_rate=0.02)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> s = jnp.linalg.svd(updates["w"], compute_uv=False)
+    >>> [round(float(v), 2) for v in s / s.max()]  # orthogonalized: s near 1
+    [1.0, 1.0, 0.98, 0.64]
   """
   validation.check_hyperparameters(locals())
   spec = (
@@ -395,6 +409,21 @@ def namo(
     Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
     with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_orth
+    >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+    >>> g = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> grads = {"w": g, "b": jnp.ones(8)}  # w: a matrix; b: the AdamW fallback
+    >>> tx = optax_orth.namo(learning_rate=0.02)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> import optax
+    >>> d = optax.tree_utils.tree_get(state, "step_size")["w"]  # one per matrix
+    >>> d.shape, round(float(d[0, 0]), 2)
+    ((1, 1), 1.95)
   """
   validation.check_hyperparameters(locals())
   spec = weight_dimension_numbers
@@ -510,6 +539,21 @@ BASE_ARGS
     Zhang, Liu and Schaeffer, `Adam Improves Muon: Adaptive Moment Estimation
     with Orthogonalized Momentum <https://arxiv.org/abs/2602.17080>`_, 2026;
     released code ``minxin-zhg/namo``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_orth
+    >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+    >>> g = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> grads = {"w": g, "b": jnp.ones(8)}  # w: a matrix; b: the AdamW fallback
+    >>> tx = optax_orth.namo_d(learning_rate=0.02)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> import optax
+    >>> d = optax.tree_utils.tree_get(state, "step_size")["w"]
+    >>> d.shape  # one step size per input feature (row of the kernel)
+    (1, 4)
   """,
   granularity="input_feature",
   clamp=0.75,
@@ -595,6 +639,20 @@ def normuon(
   References:
     Li et al., `NorMuon: Making Muon more efficient and scalable
     <https://arxiv.org/abs/2510.05491>`_, 2025.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_orth
+    >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+    >>> g = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> grads = {"w": g, "b": jnp.ones(8)}  # w: a matrix; b: the AdamW fallback
+    >>> tx = optax_orth.normuon(learning_rate=0.02)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> rms = jnp.sqrt(jnp.mean(updates["w"] ** 2, axis=0))  # per neuron
+    >>> bool(jnp.allclose(rms, rms[0]))
+    True
   """
   validation.check_hyperparameters(locals())
   spec = weight_dimension_numbers
@@ -740,6 +798,19 @@ def adamuon(
     Si, Zhang and Shen, `AdaMuon: Adaptive Muon Optimizer
     <https://arxiv.org/abs/2507.11005>`_, 2025 (Algorithm 1); released code
     ``Chongjie-Si/AdaMuon``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_orth
+    >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+    >>> g = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> grads = {"w": g, "b": jnp.ones(8)}  # w: a matrix; b: the AdamW fallback
+    >>> tx = optax_orth.adamuon(learning_rate=0.02)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> round(float(jnp.sqrt(jnp.mean(updates["w"] ** 2))), 4)  # 0.2 * lr
+    0.004
   """
   validation.check_hyperparameters(locals())
   spec = weight_dimension_numbers

@@ -410,7 +410,7 @@ def state_metrics(like: Any, state: optax.OptState) -> Metrics:
 class RecordState(NamedTuple):
   """State of :func:`record`: the step count and the last metrics."""
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
   metrics: Metrics
 
 
@@ -425,7 +425,7 @@ class DiagnosticsState(NamedTuple):
       first update.
   """
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
   inner_state: optax.OptState
   metrics: Metrics
 

@@ -29,7 +29,7 @@ from optax_orth._src.routing import DimensionNumbersSpec
 class ScaleByHyperballState(NamedTuple):
   """State of :func:`scale_by_hyperball`: the step count (for schedules)."""
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
 
 
 def _hyperball_step(lay, d, k, lr):

@@ -32,7 +32,7 @@ from optax_orth._src.routing import Decision, SplitDimensionNumbers
 try:  # jax >= 0.4.30
   from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 except ImportError:  # pragma: no cover
-  from jax.core import ClosedJaxpr, Jaxpr, Literal
+  from jax.core import ClosedJaxpr, Jaxpr, Literal  # pyright: ignore
 
 HEAD, BLANK = -1, -2  # atom sources that are not a leaf
 
@@ -442,6 +442,7 @@ class _Reader:
       role = "in" if k in contract else "batch" if k in batch else "out"
       roles += [(a, "batch" if a.extent == 1 else role) for a in ax if a.src >= 0]
     roles += [(a, "batch") for a in w.fixed]
+    assert w.leaf is not None  # only leaves' values are recorded
     self.uses[w.leaf].add(_Use(what, tuple(roles), what))
     if other is not None:  # attention heads met in the contraction
       oaxes = self._axes(other, ovar)
@@ -774,7 +775,7 @@ def _merged(view, kinds_, split):
     ):
       out_v[-1] *= n
       continue
-    if cut:
+    if cut and split is not None:
       new_split = (len(out_v), split[1])
     out_v.append(n)
     out_k.append(kind)

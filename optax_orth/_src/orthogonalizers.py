@@ -157,14 +157,15 @@ def resolve_coeffs(
       raise ValueError(f"Newton-Schulz coefficients must be finite; got {rows}.")
     default_steps = 5 if rows.shape[0] == 1 else rows.shape[0]
   if steps is None:
-    steps = default_steps
+    assert default_steps is not None  # every preset and every row array has one
+    n = default_steps
   else:
     validation.check_positive_int("ns_steps", steps)
-    steps = int(steps)
-  if steps <= rows.shape[0]:
-    rows = rows[:steps]
+    n = int(steps)
+  if n <= rows.shape[0]:
+    rows = rows[:n]
   else:
-    rows = np.concatenate([rows, np.repeat(rows[-1:], steps - rows.shape[0], 0)])
+    rows = np.concatenate([rows, np.repeat(rows[-1:], n - rows.shape[0], 0)])
   return rows, safety
 
 
@@ -564,9 +565,18 @@ def newton_schulz(
   sym = _resolve_symmetric(symmetric, arith.low_precision)
   if traced is not None:  # one row, repeated a traced number of times
     method = "plain"
-  options = dict(preconditioning=preconditioning, method=method, restart=restart)
   return _iterate(
-    x, rows, safety, eps, arith, sym, unroll, traced_steps=traced, **options
+    x,
+    rows,
+    safety,
+    eps,
+    arith,
+    sym,
+    unroll,
+    traced_steps=traced,
+    preconditioning=preconditioning,
+    method=method,
+    restart=restart,
   ).astype(in_dtype)
 
 
@@ -582,7 +592,7 @@ def _iterate(
   preconditioning: str,
   method: str,
   restart: int | None,
-  traced_steps: jax.Array | None = None,
+  traced_steps: jax.Array | np.ndarray | None = None,
 ) -> jax.Array:
   """The validated :func:`newton_schulz`: transposition, normalization, steps."""
   transposed = x.shape[-2] > x.shape[-1]

@@ -211,6 +211,9 @@ class MatrixLayout(NamedTuple):
   @property
   def sizes(self) -> tuple[int, ...]:
     """The blocks' sizes along :attr:`axis` (``()`` for one stack)."""
+    if not self.blocks:
+      return ()
+    assert self.axis is not None  # set whenever blocks are
     return tuple(b.shape[self.axis] for b in self.blocks)
 
   def _one_stack(self) -> None:
@@ -244,6 +247,7 @@ class MatrixLayout(NamedTuple):
       return [x]
     offsets = list(itertools.accumulate(self.sizes))[:-1]
     x = x if self.view is None else x.reshape(self.view)
+    assert self.axis is not None  # set whenever blocks are
     return list(jnp.split(x, offsets, axis=self.axis))
 
   def join(self, xs: Sequence[jax.Array]) -> jax.Array:
@@ -344,7 +348,7 @@ def _routing_names(path: Sequence[Any]) -> tuple[str, ...]:
   """:func:`path_names` without NNX's trailing ``Variable`` attribute ``value``."""
   path = tuple(path)
   last = path[-1] if path else None
-  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":  # pyright: ignore[reportOptionalMemberAccess]
     path = path[:-1]
   return path_names(path)
 
@@ -433,7 +437,8 @@ def matrix_layout(
       f"{where}: expected MuonDimensionNumbers, SplitDimensionNumbers or None, "
       f"got {dimension_numbers!r}."
     )
-  dimension_numbers = type(dimension_numbers)(*map(_python_ints, dimension_numbers))
+  fields = map(_python_ints, dimension_numbers)
+  dimension_numbers = type(dimension_numbers)(*fields)  # pyright: ignore[reportArgumentType]
   view = getattr(dimension_numbers, "view", None)
   if view is not None:
     view = _view(shape, view, dimension_numbers, where)
@@ -518,7 +523,7 @@ def _split_layout(shape, red, out, dn: SplitDimensionNumbers, where: str, view=N
     move = lambda axes: tuple(a + (a >= axis) for a in axes)
     return _layout(shape, move(red), move(out), view)
   sizes = dn.split_sizes
-  sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
+  sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes or ())
   bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
   if not sizes or bad or sum(sizes) != size:
     raise ValueError(
@@ -570,7 +575,7 @@ def _library_dirs() -> tuple[str, ...]:
   dirs.append(os.path.dirname(jax.__file__))
   flax = sys.modules.get("flax")
   if flax is not None and getattr(flax, "__file__", None):
-    dirs.append(os.path.dirname(flax.__file__))
+    dirs.append(os.path.dirname(str(flax.__file__)))
   return tuple(dirs)
 
 
@@ -827,7 +832,7 @@ def _match_spec_tree(spec: Any, tree: Any, is_leaf) -> list:
 
 def leaf_dimension_numbers(
   spec: DimensionNumbersSpec, tree: Any, is_leaf: Callable[[Any], bool] | None = None
-) -> list[MuonDimensionNumbers | None]:
+) -> list[MuonDimensionNumbers | SplitDimensionNumbers | None]:
   """Resolves a spec to one entry per leaf of ``tree`` (in flatten order).
 
   ``None`` (the spec) is :func:`default_routing`; a ``None`` inside a spec

@@ -165,6 +165,7 @@ def owner_axes(
       return None, (), 1
     axes = _auto_axes(mesh, xs)
   else:
+    assert isinstance(sharding, OwnerSharding)  # check_sharding
     mesh = sharding.mesh if sharding.mesh is not None else _context_mesh()
     if mesh is None or mesh.empty:
       return None, (), 1
@@ -188,7 +189,7 @@ def owner_axes(
 
 def _constrain(x: jax.Array, mesh, axes: tuple[str, ...]) -> jax.Array:
   """Shards axis 0 of ``x`` over ``axes``; every other axis replicated."""
-  spec = P(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
+  spec = P(axes if len(axes) != 1 else axes[0], *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -265,10 +266,11 @@ def owner_orthogonalize(
   fn = jax.sharding.auto_axes(
     run, axes=explicit, out_sharding=[jax.typeof(x).sharding for x in members]
   )
+  call: Any = fn  # auto_axes's stub does not give the wrapped signature
   if not jax.sharding.get_abstract_mesh().empty:
-    return list(fn(tuple(members)))
-  with jax.sharding.use_abstract_mesh(ambient):  # the mesh of the types
-    return list(fn(tuple(members)))
+    return list(call(tuple(members)))
+  with jax.sharding.use_abstract_mesh(ambient):  # pyright: ignore[reportArgumentType]
+    return list(call(tuple(members)))
 
 
 def _explicit_axes(mesh) -> tuple[str, ...]:

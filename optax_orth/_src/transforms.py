@@ -202,7 +202,7 @@ class OrthogonalizeMomentumState(NamedTuple):
       :class:`MomentumStatistics` of the last step (zeros before the first).
   """
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
   mu: optax.Updates
   statistics: MomentumStatistics | None = None
 
@@ -377,7 +377,9 @@ def orthogonalize_momentum(
     )
     return jax.tree.unflatten(treedef, outs), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # optax's OptState alias does not spell a None field (``statistics``), which
+  # is a valid pytree.
+  return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 # ---------------------------------------------------------------------------
@@ -571,10 +573,10 @@ def clamp_diagonal(c: float = 0.75) -> optax.GradientTransformationExtraArgs:
     safe_c = jnp.where((c > 0) & (c <= 1), c, 1.0)
     return jnp.where(active, jnp.clip(d, safe_c * m, m / safe_c), d)
 
-  def update_fn(step_sizes, state, params=None, **extra_args):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params  # the updates are NAMO-D's step sizes d_i, not a gradient
     _check_step_size_call("clamp_diagonal", extra_args)
-    return jax.tree.map(clamp, step_sizes), state
+    return jax.tree.map(clamp, updates), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
@@ -597,7 +599,7 @@ class ScaleByNormAdaptiveState(NamedTuple):
     step_size_state: the state of the step-size transformation.
   """
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
   nu: optax.Updates
   step_size: optax.Updates
   raw_step_size: optax.Updates
@@ -606,7 +608,7 @@ class ScaleByNormAdaptiveState(NamedTuple):
   step_size_state: optax.OptState
 
 
-def find_states(tree: Any, cls: type) -> list:
+def find_states(tree: Any, cls: type | tuple[type, ...]) -> list:
   """Every state of type ``cls`` nested anywhere in ``tree``, in tree order."""
   is_cls = lambda x: isinstance(x, cls)
   return [x for x in jax.tree.leaves(tree, is_leaf=is_cls) if is_cls(x)]

@@ -88,7 +88,7 @@ def static_or_traced_int(name: str, value):
   if isinstance(value, jax.Array | np.ndarray):
     if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
       raise ValueError(f"{name} must be a positive int; got an array {value!r}.")
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
       return None, value
     value = int(value)
   return value, None

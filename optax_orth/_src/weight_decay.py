@@ -41,7 +41,7 @@ def cautious_mask(direction: jax.Array, weight: jax.Array) -> jax.Array:
 class AddCautiousWeightDecayState(NamedTuple):
   """State of :func:`add_cautious_weight_decay`: the step count (for schedules)."""
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
 
 
 def add_cautious_weight_decay(
