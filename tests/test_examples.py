@@ -135,6 +135,7 @@ def test_research_script_runs_every_optimizer(name):
   assert all(math.isfinite(v) for v in losses) and losses[-1] < math.log(256)
 
 
+@pytest.mark.slow
 def test_train_smoke_checkpoint_and_resume(tmp_path):
   """A short run, and the same run interrupted at a checkpoint and resumed,
   end with the same parameters; logs are JSONL with finite losses."""
@@ -182,6 +183,7 @@ def test_train_smoke_checkpoint_and_resume(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_train_smoke_diagnostics_log_and_heatmaps(tmp_path):
   """--diagnostics logs per-layer metrics every EVERY steps from the jitted
   step and draws the heat maps; the training itself is unchanged."""
@@ -458,6 +460,7 @@ def test_moby_dick_corpus_is_bundled():
   assert archive.stat().st_size < 3_000_000
 
 
+@pytest.mark.slow
 def test_run_group_matches_a_single_run(tmp_path):
   """Runs in lockstep (vmap over runs, scan over steps) follow the same
   trajectory as each run alone."""
@@ -489,6 +492,7 @@ def test_run_group_matches_a_single_run(tmp_path):
   assert runs[0]["history"] != runs[1]["history"]  # the clamp is per run
 
 
+@pytest.mark.slow
 def test_compare_sweep_final_and_resume(tmp_path, capsys):
   """Sweep then final runs in one job; --resume with fewer optimizers keeps
   every row results.jsonl holds; another budget in the same --out is refused."""
@@ -550,6 +554,7 @@ def test_compare_sweep_final_and_resume(tmp_path, capsys):
     compare.main([*argv, "--optimizers", "adamw", "--steps", "12", "--resume"])
 
 
+@pytest.mark.slow
 def test_default_settings_run_plots_the_sweep_they_came_from(tmp_path):
   """A run without --sweep takes its settings from a sweep file; the plot's
   third panel is that sweep (no empty axes), and without one there is no
@@ -574,6 +579,7 @@ def test_linen_trainstate_example_learns():
   assert loss < 0.7 * math.log(4)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

@@ -80,6 +80,7 @@ def _moved(result, key, kind="total"):
   return result[key]["collectives"][kind]["moved_bytes"]
 
 
+@pytest.mark.slow
 def test_default_gpt_tree_beats_optax(tmp_path):
   """The issue's bar: 64 FSDP kernels, plain jit under jax.set_mesh, no args."""
   default_path = _default("gpt", tmp_path)
@@ -97,6 +98,7 @@ def test_default_gpt_tree_beats_optax(tmp_path):
   assert _moved(default_path, "gpt_explicit/namo_d") <= 0.25 * optax_bytes
 
 
+@pytest.mark.slow
 def test_default_moe_and_two_dimensional_mesh(tmp_path):
   """MoE experts stay put; FSDP x TP on ("data", "model") is not gathered."""
   default_path = _default("moe", tmp_path)
@@ -134,6 +136,7 @@ def test_nnx_fsdp_flow_example():
   assert "collective-permute 0" in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   port = str(_free_port())
   outs = [tmp_path / "p0.npz", tmp_path / "unused.npz"]
