@@ -529,8 +529,9 @@ def newton_schulz(
     unroll: unroll the steps in Python, or run them in a ``lax.scan``
       (``False``: compile time and live set stay small for many steps).
     method: ``"auto"``, ``"plain"`` or ``"gram"`` (see above).
-    restart: Gram steps per segment (``None``: ``orthogonalizers.GRAM_RESTART``
-      for the compute dtype). Unused by the plain method.
+    restart: Gram steps per segment (``None``: by the compute dtype, 3 in
+      float32, 5 in float64, 2 in bfloat16 and float16). Unused by the plain
+      method.
     symmetric: compute the products known to be Hermitian (``X X^H``,
       ``A^2``, and in the Gram form every ``r x r`` product) from their upper
       half, 3/4 of their FLOPs, and mirror the rest. ``None`` (default): only
