@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ import optax
 import optax_orth
 from optax_orth import MuonDimensionNumbers as DN
 from optax_orth._src.aliases import ALIASES
+from optax_orth._src.sharding import plain_values
 
 # ---------------------------------------------------------------------------
 # The registry.
@@ -38,6 +40,19 @@ def make(name: str, *args, **kwargs) -> optax.GradientTransformation:
   if not args and "learning_rate" not in kwargs and lr.default is lr.empty:
     kwargs["learning_rate"] = DEFAULT_LEARNING_RATE
   return fn(*args, **kwargs)
+
+
+def public_objects() -> dict:
+  """Every public name: ``__all__``, each namespace (a module) replaced by its
+  own names as ``namespace.name``."""
+  public = {}
+  for name in optax_orth.__all__:
+    obj = getattr(optax_orth, name)
+    if isinstance(obj, types.ModuleType):
+      public |= {f"{name}.{n}": v for n, v in vars(obj).items() if n[0] != "_"}
+    else:
+      public[name] = obj
+  return public
 
 
 # ---------------------------------------------------------------------------
@@ -141,12 +156,9 @@ def assert_trajectories_close(ours, theirs, rtol=RTOL, atol=ATOL):
 # Trees.
 
 
-def pure(tree):
-  """``tree`` with Flax ``Variable`` nodes replaced by their values (as
-  ``nnx.as_pure`` of flax >= 0.12.7 does, on every supported flax)."""
-  is_var = lambda x: callable(getattr(type(x), "get_metadata", None))
-  value = lambda x: x.get_value() if hasattr(x, "get_value") else x.value
-  return jax.tree.map(lambda x: value(x) if is_var(x) else x, tree, is_leaf=is_var)
+#: ``tree`` with Flax ``Variable`` nodes replaced by their values (as
+#: ``nnx.as_pure`` of flax >= 0.12.7 does), on every supported flax.
+pure = plain_values
 
 
 # ---------------------------------------------------------------------------

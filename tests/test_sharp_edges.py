@@ -212,17 +212,9 @@ def test_adamuon_does_not_absorb_a_non_finite_gradient(bad):
 def test_every_public_function_documents_every_argument():
   import inspect
   import re
-  import types
 
-  public = {}
-  for name in optax_orth.__all__:
-    obj = getattr(optax_orth, name)
-    if isinstance(obj, types.ModuleType):  # a namespace: its own names
-      public |= {f"{name}.{n}": v for n, v in vars(obj).items() if n[0] != "_"}
-    else:
-      public[name] = obj
   missing = {}
-  for name, f in public.items():
+  for name, f in h.public_objects().items():
     if not inspect.isfunction(f):
       continue
     doc = inspect.getdoc(f) or ""

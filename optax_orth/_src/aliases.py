@@ -1,7 +1,7 @@
 """Optimizers: short compositions of the public blocks.
 
-Each alias is an ``optax.partition`` of an orthogonal branch (blocks from
-:mod:`optax_orth.transforms`) for the matrices and an AdamW fallback for
+Each alias is an ``optax.partition`` of an orthogonal branch (the public
+blocks) for the matrices and an AdamW fallback for
 everything else (embeddings, head, biases, norm scales).
 """
 
@@ -98,11 +98,15 @@ def _partition(
     lambda params: routing.label_tree(params, spec, *labels),
   )
 
+  expected = []  # the state init returns, abstract; its block kinds only
+
   def update_fn(updates, state, params=None, **extra_args):
     # Name the offending leaf before optax.partition fails on a bare tree error.
     reference = _parameter_shapes(state, labels)
     validation.check_matches_state(updates, reference, "update")
-    _check_block_kinds(state, jax.eval_shape(tx.init, reference), labels)
+    if not expected:
+      expected.append(jax.eval_shape(tx.init, reference))
+    _check_block_kinds(state, expected[0], labels)
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -118,8 +122,7 @@ def _adam_fallback(
 
   ``optax.adamw``'s rule, overflow-safe (its state is
   :class:`optax_orth.ScaleByAdamState`); with ``cautious_weight_decay``, its
-  decay is
-  :func:`optax_orth.add_cautious_weight_decay`.
+  decay is :func:`optax_orth.add_cautious_weight_decay`.
   """
   lr = learning_rate if adam_learning_rate is None else adam_learning_rate
   if not cautious_weight_decay:

@@ -396,6 +396,18 @@ def _owner(members, orthogonalizer, mesh, axes, n):
   return outs
 
 
+def plain_values(tree: Any) -> Any:
+  """``tree`` with its Flax ``Variable`` nodes replaced by their values.
+
+  A ``Variable`` is recognized by its ``get_metadata`` method (flax >= 0.12);
+  other trees are unchanged.
+  """
+  is_var = lambda x: callable(getattr(type(x), "get_metadata", None))
+  # get_value() from flax 0.12.1; 0.12.0 has only .value (deprecated since).
+  value = lambda x: x.get_value() if hasattr(x, "get_value") else x.value
+  return jax.tree.map(lambda x: value(x) if is_var(x) else x, tree, is_leaf=is_var)
+
+
 def plain_treedef(tree: Any) -> Any:
   """The treedef of ``tree`` with its Flax ``Variable`` nodes replaced by values.
 
@@ -404,14 +416,8 @@ def plain_treedef(tree: Any) -> Any:
   parameters' own treedef, each would be a ``Variable`` carrying the
   parameter's sharding annotation, which ``nnx.Optimizer`` applies to it (and
   fails on, for example ``P("fsdp", None)`` on a ``(1, fan_in)`` array).
-  A ``Variable`` is recognized by its ``get_metadata`` method (flax >= 0.12);
-  other trees are unchanged.
   """
-  is_var = lambda x: callable(getattr(type(x), "get_metadata", None))
-  # get_value() from flax 0.12.1; 0.12.0 has only .value (deprecated since).
-  value = lambda x: x.get_value() if hasattr(x, "get_value") else x.value
-  plain = jax.tree.map(lambda x: value(x) if is_var(x) else x, tree, is_leaf=is_var)
-  return jax.tree.structure(plain)
+  return jax.tree.structure(plain_values(tree))
 
 
 # ---------------------------------------------------------------------------
