@@ -49,6 +49,7 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_orth._src import split_newton_schulz as split_lib
 from optax_orth._src.routing import path_names
 
 
@@ -65,16 +66,25 @@ class OwnerSharding(NamedTuple):
       exactly one device of the whole mesh. With a tensor-parallel ``"model"``
       axis left out of ``axis``, each matrix is orthogonalized once per
       ``model`` group (replicated along it).
+    split_min_flops: a matrix whose Newton–Schulz costs at least this many
+      FLOPs (:func:`optax_orth.measure.newton_schulz_flops`) may be split over
+      a group of devices when that balances the work better than whole
+      matrices (see ``docs/scale.md``); ``None``: every matrix stays whole.
   """
 
   mesh: Any = None
   axis: str | tuple[str, ...] | None = None
+  split_min_flops: float | None = 1e9  # AUTO_SPLIT_MIN_FLOPS
 
 
 #: The default of every ``sharding=`` argument: the owner scheme over the axes
 #: of the mesh in context that shard each group of matrices (see the module
 #: docstring); a no-op without a mesh.
 AUTO = "auto"
+
+#: ``split_min_flops`` of ``sharding="auto"``: the default of
+#: :class:`OwnerSharding`.
+AUTO_SPLIT_MIN_FLOPS = 1e9
 
 #: What a ``sharding=`` argument takes: ``"auto"``, ``None`` (off) or an
 #: :class:`OwnerSharding`.
@@ -248,20 +258,26 @@ def owner_orthogonalize(
     The orthogonalized members, in order.
   """
   mesh, axes, n = owner_axes(sharding, members)
+  min_flops = (
+    sharding.split_min_flops
+    if isinstance(sharding, OwnerSharding)
+    else AUTO_SPLIT_MIN_FLOPS
+  )
   ambient = _context_mesh(members)
   explicit = () if ambient is None else _explicit_axes(ambient)
   sharded = any(dim for x in members for dim in spec_axes(x))
   if not explicit or (mesh is None and not sharded):
     if mesh is None:
       return _plain(list(members), orthogonalizer)
-    return _owner(list(members), orthogonalizer, mesh, axes, n)
+    return _owner(list(members), orthogonalizer, mesh, axes, n, min_flops)
 
   # Explicit axes: run under the compiler's automatic partitioning and return
   # every member in the sharding it came with.
   def run(xs):
     if mesh is None:
       return _plain(list(xs), orthogonalizer)
-    return _owner(list(xs), orthogonalizer, jax.sharding.get_abstract_mesh(), axes, n)
+    ctx = jax.sharding.get_abstract_mesh()
+    return _owner(list(xs), orthogonalizer, ctx, axes, n, min_flops)
 
   fn = jax.sharding.auto_axes(
     run, axes=explicit, out_sharding=[jax.typeof(x).sharding for x in members]
@@ -357,7 +373,10 @@ def _sharded_first(lay, dims, axes, n):
   return lay._replace(perm=tuple(batch[j] for j in order) + tuple(lay.perm[nb:]))
 
 
-def _owner(members, orthogonalizer, mesh, axes, n):
+def _owner(members, orthogonalizer, mesh, axes, n, min_flops=AUTO_SPLIT_MIN_FLOPS):
+  plan = _split_plan(members, orthogonalizer, mesh, axes, n, min_flops)
+  if plan is not None:
+    return _split_owner(members, mesh, axes, n, plan)
   sizes = [int(x.shape[0]) for x in members]
   r, c = members[0].shape[1:]
   blocks, rests = [], []
@@ -394,6 +413,179 @@ def _owner(members, orthogonalizer, mesh, axes, n):
       rest_offset += b - q * n
     outs.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
   return outs
+
+
+# ---------------------------------------------------------------------------
+# Matrices split over groups of devices.
+
+
+class _SplitPlan(NamedTuple):
+  opts: Any  # split_newton_schulz.SplitOptions
+  method: str
+  restart: int
+  g: int  # devices per matrix
+  axis_index: int  # the owner axis whose trailing factor ``d`` ends the group
+  d: int
+
+
+def _divisors(k: int) -> list[int]:
+  return [d for d in range(1, k + 1) if k % d == 0]
+
+
+def split_groups(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+  """The device-group sizes ``g > 1`` that the split path can use.
+
+  The owner index ``k`` of a device runs over the owner axes in order (major
+  to minor); a group is ``g`` consecutive indices, so ``g`` is a divisor
+  ``d`` of one axis's size times the sizes of all the axes after it. Returns
+  ``(g, i, d)`` with ``i`` that axis's position, by increasing ``g``.
+  """
+  out, trailing = [], 1
+  for i in range(len(sizes) - 1, -1, -1):
+    out += [(d * trailing, i, d) for d in _divisors(sizes[i]) if d * trailing > 1]
+    trailing *= sizes[i]
+  return sorted(set(out))
+
+
+def device_flops(m: int, n: int, g: int, piece_flops: float) -> float:
+  """Per-device FLOPs of ``m`` matrices over ``n`` devices, ``g`` per matrix."""
+  return math.ceil(m * g / n) * piece_flops
+
+
+def _split_plan(members, orthogonalizer, mesh, axes, n, min_flops):
+  """How to split a shape group over groups of devices; None: whole matrices.
+
+  Chooses the group size ``g`` that gives the fewest Newton–Schulz FLOPs per
+  device, ``ceil(m g / N)`` pieces of ``1/g`` of a matrix each (``g = 1``:
+  whole matrices), preferring the smaller ``g`` unless a larger one saves
+  more than 1%.
+  """
+  if min_flops is None or _concrete_mesh(mesh) is None:
+    return None
+  opts = split_lib.split_options(orthogonalizer)
+  if opts is None:
+    return None
+  r, c = (int(d) for d in members[0].shape[1:])
+  dtype = members[0].dtype
+  if r > c or r < 2:
+    return None
+  whole = split_lib.split_flops(opts, r, c, 1, dtype)
+  if whole < min_flops:
+    return None
+  m = sum(int(x.shape[0]) for x in members)
+  best, plan = device_flops(m, n, 1, whole), None
+  sizes = [int(mesh.shape[a]) for a in axes]
+  for g, i, d in split_groups(sizes):
+    if g > r:
+      break
+    cost = device_flops(m, n, g, split_lib.split_flops(opts, r, c, g, dtype))
+    if cost < 0.99 * best:
+      method, restart = split_lib.resolved_method(opts, r, c, dtype)
+      best, plan = cost, _SplitPlan(opts, method, restart, g, i, d)
+  return plan
+
+
+def _split_mesh(mesh, axes, plan: _SplitPlan):
+  """The mesh with owner axis ``i`` cut into ``(size / d, d)``, and its names.
+
+  Returns ``(sub_mesh, owner_names, group_names)``: flattened in order,
+  ``owner_names`` index the same devices as ``axes`` do on ``mesh``, and the
+  trailing ``group_names`` span the ``g`` devices that hold one matrix.
+  """
+  a = axes[plan.axis_index]
+  outer, inner = f"{a}__owner", f"{a}__split"
+  names, shape, types = [], [], []
+  kinds = _axis_types(mesh)
+  for name in mesh.axis_names:
+    size = int(mesh.shape[name])
+    kind = kinds.get(name, AxisType.Auto)
+    kind = AxisType.Auto if kind == AxisType.Explicit else kind
+    if name == a:
+      names += [outer, inner]
+      shape += [size // plan.d, plan.d]
+      types += [kind, kind]
+    else:
+      names.append(name)
+      shape.append(size)
+      types.append(kind)
+  owner = (*axes[: plan.axis_index], outer, inner, *axes[plan.axis_index + 1 :])
+  group = (inner, *axes[plan.axis_index + 1 :])
+  devices = _concrete_mesh(mesh).devices.reshape(shape)
+  sub = jax.sharding.Mesh(devices, tuple(names), axis_types=tuple(types))
+  return sub, owner, group
+
+
+def _concrete_mesh(mesh):
+  """``mesh`` with its devices: itself, or the concrete mesh in context.
+
+  ``shard_map`` over a mesh other than the one in context lowers its
+  collectives with that mesh's devices, so the split path needs them. Under
+  ``jax.set_mesh`` the trace sees only the abstract mesh; the concrete one is
+  read from JAX's context (``None`` where it is not available, and the split
+  path is then not taken).
+  """
+  if isinstance(mesh, jax.sharding.Mesh):
+    return mesh
+  try:
+    from jax._src.mesh import get_concrete_mesh  # noqa: PLC0415
+  except ImportError:  # pragma: no cover - depends on the JAX version
+    return None
+  concrete = get_concrete_mesh()
+  if concrete is None or concrete.empty:
+    return None
+  if tuple(concrete.axis_names) != tuple(mesh.axis_names) or tuple(
+    concrete.devices.shape
+  ) != tuple(mesh.shape[a] for a in mesh.axis_names):
+    return None
+  return concrete
+
+
+def _split_owner(members, mesh, axes, n, plan: _SplitPlan):
+  """Orthogonalizes ``(B_k, r, c)`` stacks, each matrix over ``g`` devices.
+
+  The ``m`` matrices, padded with zero rows and columns to multiples of ``g``
+  and with zero matrices to ``P Q`` (``P = N / g`` device groups, ``Q``
+  matrices each), are laid out as an ``(N, Q, r, c / g)`` array sharded on its
+  first axis: device ``p g + j`` holds column block ``j`` of the ``Q``
+  matrices of group ``p``. ``split_newton_schulz`` runs in ``shard_map``
+  with its collectives over the ``g`` devices of a group.
+  """
+  g = plan.g
+  sizes = [int(x.shape[0]) for x in members]
+  r, c = (int(d) for d in members[0].shape[1:])
+  rp, cp = -(-r // g) * g, -(-c // g) * g
+  groups = n // g
+  m = sum(sizes)
+  q = -(-m // groups)
+  x = jnp.concatenate(members) if len(members) > 1 else members[0]
+  x = jnp.pad(x, ((0, groups * q - m), (0, rp - r), (0, cp - c)))
+  x = x.reshape(groups, q, rp, g, cp // g).transpose(0, 3, 1, 2, 4)
+  x = x.reshape(n, q, rp, cp // g)
+  x = _constrain(_staged(x, mesh, axes, True), mesh, axes)
+  sub, owner, group = _split_mesh(mesh, axes, plan)
+  spec = P(owner, None, None, None)
+
+  # Each device's position in its group (lax.axis_index does not lower for a
+  # shard_map mesh other than the one in context).
+  position = _constrain(jnp.arange(n, dtype=jnp.int32) % g, mesh, axes)
+
+  def local(block, pos):
+    y = split_lib.split_newton_schulz(
+      block[0], plan.opts, plan.method, plan.restart, group, pos[0]
+    )
+    return y[None]
+
+  run = jax.shard_map(local, mesh=sub, in_specs=(spec, P(owner)), out_specs=spec)
+  context = jax.sharding.get_abstract_mesh()
+  if context is not None and not context.empty:
+    with jax.sharding.use_abstract_mesh(sub.abstract_mesh):
+      y = run(x, position)
+  else:
+    y = run(x, position)
+  y = _staged(_constrain(y, mesh, axes), mesh, axes, False)
+  y = y.reshape(groups, g, q, rp, cp // g).transpose(0, 2, 3, 1, 4)
+  y = y.reshape(groups * q, rp, cp)[:m, :r, :c]
+  return list(jnp.split(y, np.cumsum(sizes)[:-1].tolist())) if sizes[1:] else [y]
 
 
 def plain_values(tree: Any) -> Any:
