@@ -543,31 +543,47 @@ def _concrete_mesh(mesh):
 def _split_owner(members, mesh, axes, n, plan: _SplitPlan):
   """Orthogonalizes ``(B_k, r, c)`` stacks, each matrix over ``g`` devices.
 
-  The ``m`` matrices, padded with zero rows and columns to multiples of ``g``
-  and with zero matrices to ``P Q`` (``P = N / g`` device groups, ``Q``
-  matrices each), are laid out as an ``(N, Q, r, c / g)`` array sharded on its
-  first axis: device ``p g + j`` holds column block ``j`` of the ``Q``
+  With ``P = N / g`` device groups, the matrices are arranged as in
+  :func:`_owner` with ``P`` in place of ``N`` (each member's first
+  ``P (B_k // P)`` matrices as a ``(P, B_k // P)`` block, the remainders
+  pooled and padded with zero matrices), padded with zero rows and columns to
+  multiples of ``g``, and laid out as an ``(N, Q, r, c / g)`` array sharded on
+  its first axis: device ``p g + j`` holds column block ``j`` of the ``Q``
   matrices of group ``p``. ``split_newton_schulz`` runs in ``shard_map``
-  with its collectives over the ``g`` devices of a group.
+  with its collectives over the ``g`` devices of a group. Each member's
+  results are sliced from the second (unsharded) axis, so that no matrix
+  crosses a group boundary on its way back.
   """
   g = plan.g
+  groups = n // g
   sizes = [int(x.shape[0]) for x in members]
   r, c = (int(d) for d in members[0].shape[1:])
   rp, cp = -(-r // g) * g, -(-c // g) * g
-  groups = n // g
-  m = sum(sizes)
-  q = -(-m // groups)
-  x = jnp.concatenate(members) if len(members) > 1 else members[0]
-  x = jnp.pad(x, ((0, groups * q - m), (0, rp - r), (0, cp - c)))
-  x = x.reshape(groups, q, rp, g, cp // g).transpose(0, 3, 1, 2, 4)
-  x = x.reshape(n, q, rp, cp // g)
+  blocks, rests = [], []
+  for x, b in zip(members, sizes, strict=True):
+    q = b // groups
+    if q:
+      blocks.append(x[: q * groups].reshape(groups, q, r, c))
+    rests.append(x[q * groups :])
+  rest = jnp.concatenate(rests) if len(rests) > 1 else rests[0]
+  n_rest = int(rest.shape[0])
+  if n_rest:
+    rest = jnp.pad(rest, ((0, (-n_rest) % groups), (0, 0), (0, 0)))
+    blocks.append(rest.reshape(groups, -1, r, c))
+  x = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+  q_total = int(x.shape[1])
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, cp - c)))
+  x = x.reshape(groups, q_total, rp, g, cp // g).transpose(0, 3, 1, 2, 4)
+  x = x.reshape(n, q_total, rp, cp // g)
   x = _constrain(_staged(x, mesh, axes, True), mesh, axes)
   sub, owner, group = _split_mesh(mesh, axes, plan)
-  spec = P(owner, None, None, None)
-
+  outer = owner[: len(owner) - len(group)]
+  # In: (N, Q, r, c / g) over all owner devices (the layout the one-axis
+  # stages of _staged reach); out: (P, Q, r, c), the columns over the group.
+  in_spec, out_spec = P(owner), P(outer, None, None, group)
   # Each device's position in its group (lax.axis_index does not lower for a
   # shard_map mesh other than the one in context).
-  position = _constrain(jnp.arange(n, dtype=jnp.int32) % g, mesh, axes)
+  position = jnp.arange(g, dtype=jnp.int32)
 
   def local(block, pos):
     y = split_lib.split_newton_schulz(
@@ -575,17 +591,31 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan):
     )
     return y[None]
 
-  run = jax.shard_map(local, mesh=sub, in_specs=(spec, P(owner)), out_specs=spec)
+  run = jax.shard_map(
+    local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec
+  )
   context = jax.sharding.get_abstract_mesh()
   if context is not None and not context.empty:
     with jax.sharding.use_abstract_mesh(sub.abstract_mesh):
       y = run(x, position)
   else:
     y = run(x, position)
-  y = _staged(_constrain(y, mesh, axes), mesh, axes, False)
-  y = y.reshape(groups, g, q, rp, cp // g).transpose(0, 2, 3, 1, 4)
-  y = y.reshape(groups * q, rp, cp)[:m, :r, :c]
-  return list(jnp.split(y, np.cumsum(sizes)[:-1].tolist())) if sizes[1:] else [y]
+  y = y[:, :, :r, :c]
+  n_pool = -(-n_rest // groups) if n_rest else 0
+  pool = y[:, q_total - n_pool :].reshape(-1, r, c) if n_rest else None
+  outs, offset, rest_offset = [], 0, 0
+  for b in sizes:
+    q = b // groups
+    parts = []
+    if q:
+      parts.append(y[:, offset : offset + q].reshape(q * groups, r, c))
+      offset += q
+    if b - q * groups:
+      assert pool is not None
+      parts.append(pool[rest_offset : rest_offset + b - q * groups])
+      rest_offset += b - q * groups
+    outs.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+  return outs
 
 
 def plain_values(tree: Any) -> Any:

@@ -1,0 +1,143 @@
+"""Subprocess worker for tests/test_balanced_sharding.py (8 simulated devices).
+
+Usage: ``python -m tests._balance_worker OUT.json``
+
+For each case (a parameter tree, a mesh and parameter specs) and each of
+``muon``, ``namo_d`` and ``normuon``, runs several steps on one device and on
+the 8 devices (the update traced under ``jax.set_mesh``, the owner scheme with
+``OwnerSharding(split_min_flops=0)`` so that the small test matrices may be
+split over device groups), and writes the largest difference between the two
+trajectories, the collectives of the compiled sharded update, the per-device
+Newton–Schulz plan (group size per shape) and the per-device FLOPs over the
+single-device FLOPs divided by 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import optax_orth  # noqa: E402
+from optax_orth import MuonDimensionNumbers as DimNums  # noqa: E402
+from optax_orth.measure import hlo_collective_bytes  # noqa: E402
+
+STEPS = 4
+N = 8
+
+# name: (shape, dimension numbers, spec on ("fsdp",), spec on ("data", "model"))
+UNEVEN = {
+  "stack3": ((3, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+  "tall5": ((5, 96, 48), DimNums(1, 2), P(None, None, "fsdp"), P(None, "model", "data")),
+  "wide": ((40, 200), DimNums(0, 1), P("fsdp", None), P("data", None)),
+  "square6": ((6, 64, 64), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+  "bias": ((96,), None, P("fsdp"), P("model")),
+}  # fmt: skip
+# More devices than matrices: one kernel, split 8 ways.
+FEW = {
+  "kernel": ((128, 256), DimNums(0, 1), P("fsdp", None), P("data", "model")),
+  "bias": ((256,), None, P(), P()),
+}
+# MoE experts (layers, experts, in, out), 6 matrices on 8 devices, next to a
+# dense stack whose count divides 8 (whole matrices).
+MOE = {
+  "experts": ((3, 2, 64, 96), DimNums(2, 3), P(None, None, "fsdp", None),
+              P(None, None, "data", "model")),
+  "dense": ((8, 64, 96), DimNums(1, 2), P("fsdp", None, None), P("data", None, "model")),
+}  # fmt: skip
+CASES = {
+  "uneven/fsdp8": (UNEVEN, (8,), ("fsdp",), 2, None),
+  "few/fsdp8": (FEW, (8,), ("fsdp",), 2, None),
+  "moe/fsdp8": (MOE, (8,), ("fsdp",), 2, None),
+  "uneven/data4_model2": (UNEVEN, (4, 2), ("data", "model"), 3, None),
+  "few/data4_model2_owner_data": (FEW, (4, 2), ("data", "model"), 3, "data"),
+  "moe/data4_model2": (MOE, (4, 2), ("data", "model"), 3, None),
+}
+ALIASES = ("muon", "namo_d", "normuon")
+
+
+def make(name, dims, sharding):
+  if name == "muon":
+    return optax_orth.muon(
+      0.02, weight_decay=0.1, muon_weight_dimension_numbers=dims, sharding=sharding
+    )
+  if name == "normuon":
+    return optax_orth.normuon(
+      0.02, weight_decay=0.1, weight_dimension_numbers=dims, sharding=sharding
+    )
+  return optax_orth.namo_d(0.02, weight_dimension_numbers=dims, sharding=sharding)
+
+
+def data(tree, seed=0):
+  rng = np.random.default_rng(seed)
+  params = {k: rng.standard_normal(v[0]).astype(np.float32) for k, v in tree.items()}
+  grads = [
+    {k: rng.standard_normal(v[0]).astype(np.float32) for k, v in tree.items()}
+    for _ in range(STEPS)
+  ]
+  return params, grads
+
+
+def trajectory(tx, params, grads, shardings=None):
+  """Updates of every step; with ``shardings``, inputs placed on the mesh."""
+  put = (lambda t: t) if shardings is None else (lambda t: jax.device_put(t, shardings))
+  update = jax.jit(tx.update)
+  params = put(params)
+  state = tx.init(params)
+  out, compiled = [], None
+  for g in grads:
+    g = put(g)
+    if compiled is None:
+      compiled = update.lower(g, state, params).compile()
+    u, state = update(g, state, params)
+    out.append(jax.tree.map(np.asarray, u))
+  return out, compiled
+
+
+def flops(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"])
+
+
+def main(path):
+  result = {}
+  for case, (tree, shape, names, spec_col, owner) in CASES.items():
+    dims = {k: v[1] for k, v in tree.items()}
+    params, grads = data(tree)
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+    specs = {k: v[spec_col] for k, v in tree.items()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    sharding = optax_orth.OwnerSharding(axis=owner, split_min_flops=0)
+    for name in ALIASES:
+      single, single_c = trajectory(make(name, dims, None), params, grads)
+      with jax.set_mesh(mesh):
+        sharded, compiled = trajectory(
+          make(name, dims, sharding), params, grads, shardings
+        )
+      diff = max(
+        float(np.max(np.abs(a[k] - b[k])))
+        for a, b in zip(single, sharded, strict=True)
+        for k in a
+      )
+      hlo = compiled.as_text()
+      result[f"{case}/{name}"] = {
+        "diff": diff,
+        "collectives": {
+          k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()
+        },
+        "flops_ratio": flops(compiled) / (flops(single_c) / N),
+      }
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
