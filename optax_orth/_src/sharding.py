@@ -453,28 +453,34 @@ def device_flops(m: int, n: int, g: int, piece_flops: float) -> float:
 
 
 def _split_plan(members, orthogonalizer, mesh, axes, n, min_flops):
-  """How to split a shape group over groups of devices; None: whole matrices.
-
-  Chooses the group size ``g`` that gives the fewest Newton–Schulz FLOPs per
-  device, ``ceil(m g / N)`` pieces of ``1/g`` of a matrix each (``g = 1``:
-  whole matrices), preferring the smaller ``g`` unless a larger one saves
-  more than 1%.
-  """
+  """How to split a shape group over groups of devices; None: whole matrices."""
   if min_flops is None or _concrete_mesh(mesh) is None:
     return None
   opts = split_lib.split_options(orthogonalizer)
   if opts is None:
     return None
+  m = sum(int(x.shape[0]) for x in members)
   r, c = (int(d) for d in members[0].shape[1:])
-  dtype = members[0].dtype
+  sizes = [int(mesh.shape[a]) for a in axes]
+  return plan_group(opts, m, r, c, members[0].dtype, sizes, min_flops)
+
+
+def plan_group(opts, m, r, c, dtype, sizes, min_flops=AUTO_SPLIT_MIN_FLOPS):
+  """The split of ``m`` matrices ``r x c`` over owner axes of ``sizes``.
+
+  Chooses the group size ``g`` that gives the fewest Newton–Schulz FLOPs per
+  device, ``ceil(m g / N)`` pieces of ``1/g`` of a matrix each (``g = 1``:
+  whole matrices), preferring the smaller ``g`` unless a larger one saves
+  more than 1%. Returns a ``_SplitPlan``, or ``None`` for whole matrices
+  (also when ``r > c``, or a matrix costs less than ``min_flops``).
+  """
   if r > c or r < 2:
     return None
   whole = split_lib.split_flops(opts, r, c, 1, dtype)
   if whole < min_flops:
     return None
-  m = sum(int(x.shape[0]) for x in members)
+  n = math.prod(sizes)
   best, plan = device_flops(m, n, 1, whole), None
-  sizes = [int(mesh.shape[a]) for a in axes]
   for g, i, d in split_groups(sizes):
     if g > r:
       break
