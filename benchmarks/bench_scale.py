@@ -49,8 +49,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -286,8 +288,12 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   mem = compiled.memory_analysis()
-  hlo = compiled.as_text()
-  coll = hlo_collective_bytes(hlo, n)
+  coll_cpu = hlo_collective_bytes(compiled.as_text(), n)
+  # The CPU backend widens bfloat16 collectives to float32 after partitioning;
+  # the module right after SPMD partitioning has them in their own dtype, as a
+  # GPU or TPU runs them.
+  dumped = sorted(Path(os.environ["BENCH_SCALE_DUMP"]).glob("*after_spmd-partitioning*"))
+  coll = hlo_collective_bytes(dumped[-1].read_text(), n)
   param_bytes = sum(2 * math.prod(s) for s, _ in tree.values())
   return {
     "model": model,
@@ -298,7 +304,9 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "ideal_flops": ideal_flops(model, n, optimizer),
     "moved_bytes": coll["total"]["moved_bytes"],
+    "moved_bytes_cpu": coll_cpu["total"]["moved_bytes"],
     "collectives": {k: v["count"] for k, v in coll.items()},
+    "moved_by_kind": {k: v["moved_bytes"] for k, v in coll.items()},
     "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)),
     "adamw_state_bytes": 2 * param_bytes / n,
     "param_bytes": param_bytes,
@@ -332,7 +340,12 @@ def drive(args) -> None:
           if key in results and not args.redo:
             continue
           env = dict(os.environ)
-          env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+          dump = tempfile.mkdtemp(prefix="bench_scale_")
+          env["BENCH_SCALE_DUMP"] = dump
+          env["XLA_FLAGS"] = (
+            f"--xla_force_host_platform_device_count={n} --xla_dump_to={dump} "
+            "--xla_dump_hlo_pass_re=spmd-partitioning"
+          )
           env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
           cmd = [sys.executable, __file__, "--one", model, str(n), layout, opt]
           t0 = time.perf_counter()
@@ -346,6 +359,7 @@ def drive(args) -> None:
               results[key] = {"error": proc.stderr.strip().splitlines()[-1][:300]}
           except subprocess.TimeoutExpired:
             results[key] = {"timeout": args.limit}
+          shutil.rmtree(dump, ignore_errors=True)
           results[key]["wall_s"] = time.perf_counter() - t0
           results[key]["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
           print(key, _summary(results[key]), flush=True)

@@ -231,6 +231,7 @@ def owner_orthogonalize(
   members: Sequence[jax.Array],
   orthogonalizer: Callable[[jax.Array], jax.Array],
   sharding: ShardingLike = AUTO,
+  fan_in_rows: bool = True,
 ) -> list[jax.Array]:
   """Orthogonalizes same-shape ``(B_k, r, c)`` stacks, each matrix on one owner.
 
@@ -242,6 +243,10 @@ def owner_orthogonalize(
   on its first axis, so that device ``k`` holds ``Q`` whole matrices, and the
   orthogonalizer runs once on the ``(N * Q, r, c)`` view. Each member's slice
   is then handed back; on ``Explicit`` axes in the sharding its input had.
+  Where that leaves devices idle (fewer matrices than devices, or a count
+  that does not divide evenly), a Newton–Schulz orthogonalizer may instead
+  split each matrix over a group of devices (``plan_group``,
+  ``_split_owner``).
 
   With the scheme off (``None``, no mesh, owner axes of size one) this is
   ``orthogonalizer(concatenate(members))`` split back; on ``Explicit`` axes
@@ -253,11 +258,19 @@ def owner_orthogonalize(
     orthogonalizer: a function from ``(batch, r, c)`` arrays to arrays of
       the same shape.
     sharding: ``"auto"``, ``None`` or an :class:`OwnerSharding`.
+    fan_in_rows: whether the rows of the members are their fan-in axis (they
+      were not transposed), which FSDP shards: on ``Auto`` axes, where the
+      layout is not in the types, the split path then takes the members as
+      sharded on their rows. On ``Explicit`` axes the types say.
 
   Returns:
     The orthogonalized members, in order.
   """
   mesh, axes, n = owner_axes(sharding, members)
+  if any(spec_axes(x)[1:] != ((), ()) for x in members):  # layout in the types
+    rows = all(spec_axes(x)[1] for x in members)
+  else:
+    rows = fan_in_rows
   min_flops = (
     sharding.split_min_flops
     if isinstance(sharding, OwnerSharding)
@@ -269,7 +282,7 @@ def owner_orthogonalize(
   if not explicit or (mesh is None and not sharded):
     if mesh is None:
       return _plain(list(members), orthogonalizer)
-    return _owner(list(members), orthogonalizer, mesh, axes, n, min_flops)
+    return _owner(list(members), orthogonalizer, mesh, axes, n, min_flops, rows)
 
   # Explicit axes: run under the compiler's automatic partitioning and return
   # every member in the sharding it came with.
@@ -277,7 +290,7 @@ def owner_orthogonalize(
     if mesh is None:
       return _plain(list(xs), orthogonalizer)
     ctx = jax.sharding.get_abstract_mesh()
-    return _owner(list(xs), orthogonalizer, ctx, axes, n, min_flops)
+    return _owner(list(xs), orthogonalizer, ctx, axes, n, min_flops, rows)
 
   fn = jax.sharding.auto_axes(
     run, axes=explicit, out_sharding=[jax.typeof(x).sharding for x in members]
@@ -373,10 +386,10 @@ def _sharded_first(lay, dims, axes, n):
   return lay._replace(perm=tuple(batch[j] for j in order) + tuple(lay.perm[nb:]))
 
 
-def _owner(members, orthogonalizer, mesh, axes, n, min_flops=AUTO_SPLIT_MIN_FLOPS):
+def _owner(members, orthogonalizer, mesh, axes, n, min_flops, rows=False):
   plan = _split_plan(members, orthogonalizer, mesh, axes, n, min_flops)
   if plan is not None:
-    return _split_owner(members, mesh, axes, n, plan)
+    return _split_owner(members, mesh, axes, n, plan, rows)
   sizes = [int(x.shape[0]) for x in members]
   r, c = members[0].shape[1:]
   blocks, rests = [], []
@@ -435,15 +448,20 @@ def _divisors(k: int) -> list[int]:
 def split_groups(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
   """The device-group sizes ``g > 1`` that the split path can use.
 
-  The owner index ``k`` of a device runs over the owner axes in order (major
-  to minor); a group is ``g`` consecutive indices, so ``g`` is a divisor
-  ``d`` of one axis's size times the sizes of all the axes after it. Returns
-  ``(g, i, d)`` with ``i`` that axis's position, by increasing ``g``.
+  The owner index of a device runs over the owner axes in order (major to
+  minor). The ``g`` devices that share a matrix are those whose indices
+  differ only in a leading factor of it: all of the first ``i`` owner axes
+  and a divisor ``d`` of axis ``i``'s size, so that a group is strided
+  across the mesh. A parameter sharded over the owner axes then reaches the
+  pieces, and comes back, through all-to-alls among devices of one position
+  in their groups (with a contiguous group, a matrix's column blocks would
+  sit on neighbouring devices and the compiler would add permutes). Returns
+  ``(g, i, d)`` by increasing ``g``.
   """
-  out, trailing = [], 1
-  for i in range(len(sizes) - 1, -1, -1):
-    out += [(d * trailing, i, d) for d in _divisors(sizes[i]) if d * trailing > 1]
-    trailing *= sizes[i]
+  out, leading = [], 1
+  for i, size in enumerate(sizes):
+    out += [(d * leading, i, d) for d in _divisors(size) if d * leading > 1]
+    leading *= size
   return sorted(set(out))
 
 
@@ -492,14 +510,16 @@ def plan_group(opts, m, r, c, dtype, sizes, min_flops=AUTO_SPLIT_MIN_FLOPS):
 
 
 def _split_mesh(mesh, axes, plan: _SplitPlan):
-  """The mesh with owner axis ``i`` cut into ``(size / d, d)``, and its names.
+  """The mesh with owner axis ``i`` cut into ``(d, size / d)``, and names.
 
-  Returns ``(sub_mesh, owner_names, group_names)``: flattened in order,
-  ``owner_names`` index the same devices as ``axes`` do on ``mesh``, and the
-  trailing ``group_names`` span the ``g`` devices that hold one matrix.
+  Returns ``(sub_mesh, group_names, outer_names)``: ``group_names`` (the first
+  ``i`` owner axes and the cut's ``d``) span the ``g`` devices that hold one
+  matrix, ``outer_names`` (the rest of the owner axes) index the groups, and
+  ``(*group_names, *outer_names)`` flattened in order index the same devices
+  as ``axes`` do on ``mesh``.
   """
   a = axes[plan.axis_index]
-  outer, inner = f"{a}__owner", f"{a}__split"
+  inner, outer = f"{a}__split", f"{a}__owner"
   names, shape, types = [], [], []
   kinds = _axis_types(mesh)
   for name in mesh.axis_names:
@@ -507,18 +527,18 @@ def _split_mesh(mesh, axes, plan: _SplitPlan):
     kind = kinds.get(name, AxisType.Auto)
     kind = AxisType.Auto if kind == AxisType.Explicit else kind
     if name == a:
-      names += [outer, inner]
-      shape += [size // plan.d, plan.d]
+      names += [inner, outer]
+      shape += [plan.d, size // plan.d]
       types += [kind, kind]
     else:
       names.append(name)
       shape.append(size)
       types.append(kind)
-  owner = (*axes[: plan.axis_index], outer, inner, *axes[plan.axis_index + 1 :])
-  group = (inner, *axes[plan.axis_index + 1 :])
+  group = (*axes[: plan.axis_index], inner)
+  rest = (outer, *axes[plan.axis_index + 1 :])
   devices = _concrete_mesh(mesh).devices.reshape(shape)
   sub = jax.sharding.Mesh(devices, tuple(names), axis_types=tuple(types))
-  return sub, owner, group
+  return sub, group, rest
 
 
 def _concrete_mesh(mesh):
@@ -546,19 +566,27 @@ def _concrete_mesh(mesh):
   return concrete
 
 
-def _split_owner(members, mesh, axes, n, plan: _SplitPlan):
+def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
   """Orthogonalizes ``(B_k, r, c)`` stacks, each matrix over ``g`` devices.
 
   With ``P = N / g`` device groups, the matrices are arranged as in
   :func:`_owner` with ``P`` in place of ``N`` (each member's first
   ``P (B_k // P)`` matrices as a ``(P, B_k // P)`` block, the remainders
-  pooled and padded with zero matrices), padded with zero rows and columns to
-  multiples of ``g``, and laid out as an ``(N, Q, r, c / g)`` array sharded on
-  its first axis: device ``p g + j`` holds column block ``j`` of the ``Q``
-  matrices of group ``p``. ``split_newton_schulz`` runs in ``shard_map``
-  with its collectives over the ``g`` devices of a group. Each member's
-  results are sliced from the second (unsharded) axis, so that no matrix
-  crosses a group boundary on its way back.
+  pooled and padded with zero matrices) into a ``(P, Q, r, c)`` array, padded
+  with zero rows and columns to multiples of ``g``. Device ``j P + p``
+  (``split_groups``) orthogonalizes column block ``j`` of the ``Q`` matrices
+  of group ``p`` with ``split_newton_schulz``, in ``shard_map``, its
+  collectives over the ``g`` devices of a group. Each member's results are
+  sliced from the unsharded ``Q`` axis.
+
+  The matrices reach the pieces in one of two ways. ``rows`` (the members'
+  rows are sharded over the owner axes, as FSDP shards a fan-in axis, and
+  ``N`` divides ``r``): inside the ``shard_map``, one all-to-all over all
+  owner devices each way, each device sending every other its rows of that
+  device's column block. Otherwise the array is constrained to an
+  ``(N, Q, r, c / g)`` layout and the compiler moves it (for members sharded
+  on their columns, an all-to-all within the devices of one position in
+  their groups); the results come out with their columns over the group.
   """
   g = plan.g
   groups = n // g
@@ -578,24 +606,40 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan):
     blocks.append(rest.reshape(groups, -1, r, c))
   x = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
   q_total = int(x.shape[1])
-  x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, cp - c)))
-  x = x.reshape(groups, q_total, rp, g, cp // g).transpose(0, 3, 1, 2, 4)
-  x = x.reshape(n, q_total, rp, cp // g)
-  x = _constrain(_staged(x, mesh, axes, True), mesh, axes)
-  sub, owner, group = _split_mesh(mesh, axes, plan)
-  outer = owner[: len(owner) - len(group)]
-  # In: (N, Q, r, c / g) over all owner devices (the layout the one-axis
-  # stages of _staged reach); out: (P, Q, r, c), the columns over the group.
-  in_spec, out_spec = P(owner), P(outer, None, None, group)
+  cg = cp // g
+  sub, group, outer = _split_mesh(mesh, axes, plan)
+  everyone = (*group, *outer)  # the owner devices, in the order of ``axes``
   # Each device's position in its group (lax.axis_index does not lower for a
   # shard_map mesh other than the one in context).
   position = jnp.arange(g, dtype=jnp.int32)
+  ns = lambda x, pos: split_lib.split_newton_schulz(
+    x, plan.opts, plan.method, plan.restart, group, pos
+  )
+  if rows and r % n == 0:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, cp - c)))
+    in_spec = out_spec = P(None, None, everyone, None)
 
-  def local(block, pos):
-    y = split_lib.split_newton_schulz(
-      block[0], plan.opts, plan.method, plan.restart, group, pos[0]
-    )
-    return y[None]
+    def local(block, pos):  # (P, Q, r / N, c): this device's rows
+      rb = r // n
+      b = block.reshape(groups, q_total, rb, g, cg).transpose(3, 0, 1, 2, 4)
+      b = b.reshape(n, q_total, rb, cg)  # to device j P + p: its column block
+      b = jax.lax.all_to_all(b, everyone, 0, 0, tiled=True)  # rows by sender
+      b = b.transpose(1, 0, 2, 3).reshape(q_total, r, cg)
+      y = ns(b, pos[0]).reshape(q_total, n, rb, cg).transpose(1, 0, 2, 3)
+      y = jax.lax.all_to_all(y, everyone, 0, 0, tiled=True)  # blocks by sender
+      y = y.reshape(g, groups, q_total, rb, cg).transpose(1, 2, 3, 0, 4)
+      return y.reshape(groups, q_total, rb, cp)
+
+  else:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, cp - c)))
+    # Device j P + p holds column block j of group p's matrices.
+    x = x.reshape(groups, q_total, rp, g, cg).transpose(3, 0, 1, 2, 4)
+    x = x.reshape(n, q_total, rp, cg)
+    x = _constrain(_staged(x, mesh, axes, True), mesh, axes)
+    # In: (N, Q, r, c / g) over all owner devices (the layout the one-axis
+    # stages of _staged reach); out: (P, Q, r, c), the columns over the group.
+    in_spec, out_spec = P(everyone), P(outer, None, None, group)
+    local = lambda block, pos: ns(block[0], pos[0])[None]
 
   run = jax.shard_map(
     local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec

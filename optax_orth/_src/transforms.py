@@ -167,7 +167,9 @@ def orthogonalize_grouped(
     tall = shape[0] > shape[1]
     swap = orth_lib.materialized_transpose if tall else (lambda x: x)
     xs = [swap(matrices[i]) for i in members]
-    ys = sharding_lib.owner_orthogonalize(xs, orthogonalizer, sharding)
+    ys = sharding_lib.owner_orthogonalize(
+      xs, orthogonalizer, sharding, fan_in_rows=not tall
+    )
     for i, y in zip(members, ys, strict=True):
       out[i] = swap(y)
   return sharding_lib.keep_layout(out, matrices, sharding)
