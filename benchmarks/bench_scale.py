@@ -66,7 +66,7 @@ MODELS = {
     layers=32, d=4096, ffn=14336, kv=1024, vocab=32000, experts=8, kind="moe"
   ),
 }
-OPTIMIZERS = ("muon", "namo_d", "normuon", "optax_muon", "adamw")
+OPTIMIZERS = ("muon", "namo_d", "normuon", "muon_whole", "optax_muon", "adamw")
 LAYOUTS = ("fsdp", "fsdp_tp")
 TP = 8
 
@@ -233,6 +233,11 @@ def make_tx(name, dims):
     return optax_orth.normuon(
       0.02, ns_dtype=jnp.bfloat16, weight_dimension_numbers=dims
     )
+  if name == "muon_whole":  # the owner scheme with whole matrices only
+    return optax_orth.muon(
+      0.02, ns_dtype=jnp.bfloat16, muon_weight_dimension_numbers=dims,
+      sharding=optax_orth.OwnerSharding(split_min_flops=None),
+    )  # fmt: skip
   if name == "optax_muon":
     return optax.contrib.muon(0.02, muon_weight_dimension_numbers=dims)
   if name == "adamw":
@@ -267,7 +272,7 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
     k: None if a is None else optax.contrib.MuonDimensionNumbers(a[0], a[1])
     for k, (s, a) in tree.items()
   }
-  if optimizer in ("muon", "namo_d", "normuon"):
+  if optimizer in ("muon", "namo_d", "normuon", "muon_whole"):
     dims = {
       k: None if a is None else optax_orth.MuonDimensionNumbers(a[0], a[1])
       for k, (s, a) in tree.items()
@@ -314,7 +319,7 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
     "compile_s": t2 - t1,
     "unsharded_matrix_leaves": unsharded,
     "minimum": owner_minimum_bytes(model, n, layout)
-    if optimizer in ("muon", "namo_d", "normuon")
+    if optimizer in ("muon", "namo_d", "normuon", "muon_whole")
     else None,
   }
 

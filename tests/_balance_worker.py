@@ -32,11 +32,13 @@ from optax_orth.measure import hlo_collective_bytes  # noqa: E402
 STEPS = 4
 N = 8
 
-# name: (shape, dimension numbers, spec on ("fsdp",), spec on ("data", "model"))
+# name: (shape, dimension numbers, spec on ("fsdp",), spec on ("data", "model")).
+# Kernels are sharded as FSDP shards them: the fan-in axis over "fsdp" ("data"),
+# the fan-out axis over "model".
 UNEVEN = {
   "stack3": ((3, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
-  "tall5": ((5, 96, 48), DimNums(1, 2), P(None, None, "fsdp"), P(None, "model", "data")),
-  "wide": ((40, 200), DimNums(0, 1), P("fsdp", None), P("data", None)),
+  "tall5": ((5, 96, 48), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+  "wide": ((40, 200), DimNums(0, 1), P("fsdp", None), P("data", "model")),
   "square6": ((6, 64, 64), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
   "bias": ((96,), None, P("fsdp"), P("model")),
 }  # fmt: skip
@@ -45,17 +47,24 @@ FEW = {
   "kernel": ((128, 256), DimNums(0, 1), P("fsdp", None), P("data", "model")),
   "bias": ((256,), None, P(), P()),
 }
-# MoE experts (layers, experts, in, out), 6 matrices on 8 devices, next to a
-# dense stack whose count divides 8 (whole matrices).
+# MoE experts (layers, experts, in, out): 6 matrices on 8 devices, in one shape
+# group with a dense stack of 8.
 MOE = {
   "experts": ((3, 2, 64, 96), DimNums(2, 3), P(None, None, "fsdp", None),
               P(None, None, "data", "model")),
-  "dense": ((8, 64, 96), DimNums(1, 2), P("fsdp", None, None), P("data", None, "model")),
+  "dense": ((8, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+}  # fmt: skip
+# Layouts FSDP does not use (a stacking axis, a fan-out axis, replicated).
+ODD = {
+  "stack_batch": ((8, 64, 96), DimNums(1, 2), P("fsdp", None, None), P("data", None, "model")),
+  "fan_out": ((3, 64, 96), DimNums(1, 2), P(None, None, "fsdp"), P(None, "model", "data")),
+  "replicated": ((2, 64, 96), DimNums(1, 2), P(), P()),
 }  # fmt: skip
 CASES = {
   "uneven/fsdp8": (UNEVEN, (8,), ("fsdp",), 2, None),
   "few/fsdp8": (FEW, (8,), ("fsdp",), 2, None),
   "moe/fsdp8": (MOE, (8,), ("fsdp",), 2, None),
+  "odd/fsdp8": (ODD, (8,), ("fsdp",), 2, None),
   "uneven/data4_model2": (UNEVEN, (4, 2), ("data", "model"), 3, None),
   "few/data4_model2_owner_data": (FEW, (4, 2), ("data", "model"), 3, "data"),
   "moe/data4_model2": (MOE, (4, 2), ("data", "model"), 3, None),

@@ -458,11 +458,14 @@ def split_groups(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
   sit on neighbouring devices and the compiler would add permutes). Returns
   ``(g, i, d)`` by increasing ``g``.
   """
-  out, leading = [], 1
+  out: dict[int, tuple[int, int, int]] = {}
+  leading = 1
   for i, size in enumerate(sizes):
-    out += [(d * leading, i, d) for d in _divisors(size) if d * leading > 1]
+    for d in _divisors(size):
+      if d * leading > 1:
+        out.setdefault(d * leading, (d * leading, i, d))
     leading *= size
-  return sorted(set(out))
+  return sorted(out.values())
 
 
 def device_flops(m: int, n: int, g: int, piece_flops: float) -> float:
@@ -579,14 +582,20 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
   collectives over the ``g`` devices of a group. Each member's results are
   sliced from the unsharded ``Q`` axis.
 
-  The matrices reach the pieces in one of two ways. ``rows`` (the members'
-  rows are sharded over the owner axes, as FSDP shards a fan-in axis, and
-  ``N`` divides ``r``): inside the ``shard_map``, one all-to-all over all
-  owner devices each way, each device sending every other its rows of that
-  device's column block. Otherwise the array is constrained to an
-  ``(N, Q, r, c / g)`` layout and the compiler moves it (for members sharded
-  on their columns, an all-to-all within the devices of one position in
-  their groups); the results come out with their columns over the group.
+  The matrices reach the pieces inside the ``shard_map``, from one of two
+  layouts that FSDP gives (the compiler brings the members to it, at no cost
+  when they are already so sharded):
+
+  * columns over the owner devices (``N`` divides ``c``; members whose fan-in
+    axis is their columns, ``rows=False``): device ``j P + p`` holds column
+    block ``j P + p``, so column block ``j`` of the split is the blocks of
+    devices ``j P + p'``, and one all-to-all among them each way moves it;
+  * rows over the owner devices (``N`` divides ``r``; ``rows=True``, or the
+    columns do not divide): one all-to-all over all owner devices each way,
+    each device sending every other its rows of that device's column block.
+
+  Otherwise the array is constrained to an ``(N, Q, r, c / g)`` layout and the
+  compiler moves it.
   """
   g = plan.g
   groups = n // g
@@ -615,7 +624,17 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
   ns = lambda x, pos: split_lib.split_newton_schulz(
     x, plan.opts, plan.method, plan.restart, group, pos
   )
-  if rows and r % n == 0:
+  if not rows and c % n == 0:  # columns over the owner devices
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+    in_spec = out_spec = P(None, None, None, everyone)
+
+    def local(block, pos):  # (P, Q, r, c / N): column block j P + p
+      # Column block j (c / g) is the blocks of the P devices j P + p'.
+      b = jax.lax.all_to_all(block, outer, 0, 3, tiled=True)
+      y = ns(b[0], pos[0])[None]
+      return jax.lax.all_to_all(y, outer, 3, 0, tiled=True)
+
+  elif r % n == 0:  # rows over the owner devices
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, cp - c)))
     in_spec = out_spec = P(None, None, everyone, None)
 
