@@ -259,7 +259,9 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
   if layout == "fsdp":
     mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,))
   else:
-    mesh = jax.make_mesh((n // TP, TP), ("fsdp", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh = jax.make_mesh(
+      (n // TP, TP), ("fsdp", "model"), axis_types=(AxisType.Auto,) * 2
+    )
   tree = leaves(model)
   specs = {k: spec_for(s, a, layout, n) for k, (s, a) in tree.items()}
   unsharded = sorted(k for k, (s, a) in tree.items() if a and not any(specs[k]))
@@ -297,7 +299,9 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
   # The CPU backend widens bfloat16 collectives to float32 after partitioning;
   # the module right after SPMD partitioning has them in their own dtype, as a
   # GPU or TPU runs them.
-  dumped = sorted(Path(os.environ["BENCH_SCALE_DUMP"]).glob("*after_spmd-partitioning*"))
+  dumped = sorted(
+    Path(os.environ["BENCH_SCALE_DUMP"]).glob("*after_spmd-partitioning*")
+  )
   coll = hlo_collective_bytes(dumped[-1].read_text(), n)
   param_bytes = sum(2 * math.prod(s) for s, _ in tree.values())
   return {
@@ -366,7 +370,9 @@ def drive(args) -> None:
             results[key] = {"timeout": args.limit}
           shutil.rmtree(dump, ignore_errors=True)
           results[key]["wall_s"] = time.perf_counter() - t0
-          results[key]["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+          results[key]["machine"] = (
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+          )
           print(key, _summary(results[key]), flush=True)
           path.parent.mkdir(parents=True, exist_ok=True)
           path.write_text(json.dumps(results, indent=1, sort_keys=True))
@@ -396,6 +402,217 @@ def train_step_s(r: dict, hw: dict) -> float:
   return 6 * params * TOKENS_PER_STEP / r["devices"] / (MFU * hw["flops"])
 
 
+BEGIN, END = "<!-- bench_scale:begin -->", "<!-- bench_scale:end -->"
+OURS = ("muon", "namo_d", "normuon")
+
+
+def _get(results, model, n, layout, opt):
+  r = results.get(cell_key(model, n, layout, opt))
+  return r if r and "flops" in r else None
+
+
+def _fmt(x, spec=".2f", missing="—"):
+  return missing if x is None else format(x, spec)
+
+
+def _status(results, model, n, layout, opt):
+  r = results.get(cell_key(model, n, layout, opt))
+  if r is None:
+    return "not run"
+  if "timeout" in r:
+    return f"> {r['timeout']:.0f} s"
+  if "error" in r:
+    return "error"
+  return None
+
+
+def report(results: dict) -> str:
+  """The markdown tables of ``docs/scale.md`` (between its markers)."""
+  machines = sorted({r.get("machine", "?") for r in results.values()})
+  lines = [
+    BEGIN,
+    "",
+    f"Measured on: {'; '.join(machines)}; JAX compiled for simulated CPU "
+    "devices. Figures per device.",
+    "",
+    "### Targets, `muon` (bfloat16 Newton–Schulz)",
+    "",
+    "FLOPs ÷ ideal: per-device FLOPs of the compiled update over the model's "
+    "Newton–Schulz FLOPs ÷ N (target 1.1); *whole*: the same scheme with whole "
+    "matrices only (`OwnerSharding(split_min_flops=None)`). Bytes ÷ min: "
+    "collective bytes sent over the owner scheme's minimum (target 1.25). Temp "
+    "÷ AdamW: temporary memory over the per-device size of AdamW's state "
+    "(target 1). Compile: seconds to compile, and over `optax.contrib.muon`'s "
+    "(target 3).",
+    "",
+    "| model | N | mesh | FLOPs ÷ ideal | *whole* | bytes (GB) | ÷ min | "
+    "permutes | temp (GiB) | ÷ AdamW | compile (s) | ÷ optax |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for model in MODELS:
+    for n in (8, 64, 256, 1024):
+      for layout in LAYOUTS:
+        if layout == "fsdp_tp" and n < 2 * TP:
+          continue
+        r = _get(results, model, n, layout, "muon")
+        mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
+        if r is None:
+          why = _status(results, model, n, layout, "muon")
+          lines.append(f"| {model} | {n} | {mesh} | {why} |||||||||")
+          continue
+        whole = _get(results, model, n, layout, "muon_whole")
+        opt = _get(results, model, n, layout, "optax_muon")
+        minimum = r["minimum"]["total"]
+        compile_ratio = opt and r["compile_s"] / max(opt["compile_s"], 1e-9)
+        optax_status = _status(results, model, n, layout, "optax_muon") or "—"
+        lines.append(
+          f"| {model} | {n} | {mesh} | {r['flops'] / r['ideal_flops']:.3f} | "
+          f"{_fmt(whole and whole['flops'] / whole['ideal_flops'], '.2f')} | "
+          f"{r['moved_bytes'] / 1e9:.3f} | {r['moved_bytes'] / minimum:.2f} | "
+          f"{r['collectives']['collective-permute']} | "
+          f"{r['temp_bytes'] / 2**30:.2f} | "
+          f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
+          f"{r['compile_s']:.0f} | "
+          f"{_fmt(compile_ratio, '.1f', optax_status)} |"
+        )
+  lines += [
+    "",
+    "### Beside the baselines",
+    "",
+    "`optax.contrib.muon` (FLOPs over its own ideal, its plain float32 "
+    "iteration ÷ N) and `optax.adamw`; NAMO-D and NorMuon with the balanced "
+    "owner scheme.",
+    "",
+    "| model | N | mesh | optax muon FLOPs ÷ its ideal | optax bytes (GB) | "
+    "optax temp (GiB) | AdamW temp (GiB) | namo_d FLOPs ÷ ideal | namo_d bytes ÷ min "
+    "| normuon FLOPs ÷ ideal | normuon bytes ÷ min |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for model in MODELS:
+    for n in (8, 64, 256, 1024):
+      for layout in LAYOUTS:
+        if layout == "fsdp_tp" and n < 2 * TP:
+          continue
+        mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
+        cells = [f"| {model} | {n} | {mesh} |"]
+        opt = _get(results, model, n, layout, "optax_muon")
+        if opt is None:
+          why = _status(results, model, n, layout, "optax_muon")
+          cells.append(f" {why} | | |")
+        else:
+          cells.append(
+            f" {opt['flops'] / opt['ideal_flops']:.2f} | "
+            f"{opt['moved_bytes'] / 1e9:.1f} | {opt['temp_bytes'] / 2**30:.2f} |"
+          )
+        adamw = _get(results, model, n, layout, "adamw")
+        cells.append(f" {_fmt(adamw and adamw['temp_bytes'] / 2**30)} |")
+        for name in ("namo_d", "normuon"):
+          r = _get(results, model, n, layout, name)
+          if r is None:
+            cells.append(f" {_status(results, model, n, layout, name)} | |")
+          else:
+            cells.append(
+              f" {r['flops'] / r['ideal_flops']:.3f} | "
+              f"{r['moved_bytes'] / r['minimum']['total']:.2f} |"
+            )
+        lines.append("".join(cells))
+  lines += [
+    "",
+    "### Roofline: one optimizer step",
+    "",
+    f"Per device: max(FLOPs ÷ peak, bytes accessed ÷ HBM bandwidth) + "
+    f"collective bytes ÷ link bandwidth (NVLink within 8 GPUs, one InfiniBand "
+    f"port per GPU beyond; ICI on TPU v5p), as a fraction of a training step of "
+    f"6 P T FLOPs at {MFU:.0%} MFU with T = {TOKENS_PER_STEP:,} tokens, for "
+    f"`muon` and `optax.contrib.muon`. Peak rates: "
+    + "; ".join(
+      f"{name}: {hw['flops'] / 1e12:.0f} TFLOP/s, HBM {hw['hbm'] / 1e12:.2f} TB/s, "
+      f"links {hw['link_in_node'] / 1e9:.0f}/{hw['link_across'] / 1e9:.0f} GB/s"
+      for name, hw in HARDWARE.items()
+    )
+    + " (sources in `HARDWARE` of `benchmarks/bench_scale.py`).",
+    "",
+    "| model | N | mesh | H100: muon ms | of step | optax ms | TPU v5p: muon ms "
+    "| of step | optax ms |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for model in MODELS:
+    for n in (8, 64, 256, 1024):
+      for layout in LAYOUTS:
+        if layout == "fsdp_tp" and n < 2 * TP:
+          continue
+        r = _get(results, model, n, layout, "muon")
+        if r is None:
+          continue
+        opt = _get(results, model, n, layout, "optax_muon")
+        mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
+        row = f"| {model} | {n} | {mesh} |"
+        for hw in HARDWARE.values():
+          t = roofline(r, hw)
+          row += (
+            f" {1e3 * t:.1f} | {t / train_step_s(r, hw):.1%} | "
+            f"{_fmt(opt and 1e3 * roofline(opt, hw), '.0f')} |"
+          )
+        lines.append(row)
+  lines += ["", END]
+  return "\n".join(lines)
+
+
+def write_section(page: Path, text: str) -> None:
+  body = page.read_text() if page.exists() else ""
+  if BEGIN in body and END in body:
+    body = body[: body.index(BEGIN)] + text + body[body.index(END) + len(END) :]
+  else:
+    body = body.rstrip() + "\n\n" + text + "\n"
+  page.write_text(body)
+
+
+def plot(results: dict, path: Path) -> None:
+  """FLOPs ÷ ideal and bytes per device against devices, for ``muon``."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, model in enumerate(MODELS):
+    color = f"C{i}"
+    for layout, style in (("fsdp", "-"), ("fsdp_tp", ":")):
+      ns, ratio, whole, moved, minimum = [], [], [], [], []
+      for n in (8, 64, 256, 1024):
+        r = _get(results, model, n, layout, "muon")
+        if r is None:
+          continue
+        w = _get(results, model, n, layout, "muon_whole")
+        ns.append(n)
+        ratio.append(r["flops"] / r["ideal_flops"])
+        whole.append(w["flops"] / w["ideal_flops"] if w else float("nan"))
+        moved.append(r["moved_bytes"] / 1e9)
+        minimum.append(r["minimum"]["total"] / 1e9)
+      if not ns:
+        continue
+      label = f"{model} ({'FSDP' if layout == 'fsdp' else 'FSDP x TP'})"
+      ax1.plot(ns, ratio, style, color=color, marker="o", label=label)
+      if layout == "fsdp":
+        ax1.plot(ns, whole, "--", color=color, alpha=0.5, marker="x")
+      ax2.plot(ns, moved, style, color=color, marker="o", label=label)
+      if layout == "fsdp":
+        ax2.plot(ns, minimum, "--", color=color, alpha=0.5)
+  ax1.axhline(1.1, color="gray", lw=0.8)
+  ax1.set(
+    xscale="log", yscale="log", xlabel="devices", ylabel="FLOPs per device ÷ ideal"
+  )
+  ax1.set_title("muon: balanced (o) and whole-matrix owners (x, dashed)", fontsize=9)
+  ax2.set(
+    xscale="log", yscale="log", xlabel="devices", ylabel="collective GB per device"
+  )
+  ax2.set_title("muon: sent (o) and the owner minimum (dashed)", fontsize=9)
+  ax1.legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--one", nargs=4, metavar=("MODEL", "N", "LAYOUT", "OPT"))
@@ -414,9 +631,13 @@ def main() -> None:
     print(json.dumps(run_cell(model, int(n), layout, opt)))
     return
   if args.report:
-    from benchmarks.scale_report import write_report  # noqa: PLC0415
-
-    write_report(Path(args.results), Path(args.write) if args.write else None)
+    results = json.loads(Path(args.results).read_text())
+    text = report(results)
+    if args.write:
+      write_section(Path(args.write), text)
+      plot(results, Path(args.write).parent / "img" / "scale.png")
+    else:
+      print(text)
     return
   drive(args)
 

@@ -41,7 +41,9 @@ import optax
 import optax_orth
 from optax_orth.measure import newton_schulz_flops
 
-FULL = dict(matmul=8192, ns=(16, 4096, 4096), ns_wide=(16, 1024, 4096), layers=12, d=768)
+FULL = dict(
+  matmul=8192, ns=(16, 4096, 4096), ns_wide=(16, 1024, 4096), layers=12, d=768
+)
 TINY = dict(matmul=128, ns=(2, 64, 64), ns_wide=(2, 32, 128), layers=2, d=32)
 
 
@@ -97,7 +99,8 @@ def step_times(layers: int, d: int, reps: int) -> dict[str, float]:
   """Seconds per update step of each optimizer on the GPT-2-small tree."""
   params, axes = gpt2_small_tree(layers, d)
   ours = {
-    k: None if a is None else optax_orth.MuonDimensionNumbers(*a) for k, a in axes.items()
+    k: None if a is None else optax_orth.MuonDimensionNumbers(*a)
+    for k, a in axes.items()
   }
   theirs = {
     k: None if a is None else optax.contrib.MuonDimensionNumbers(*a)
@@ -108,14 +111,17 @@ def step_times(layers: int, d: int, reps: int) -> dict[str, float]:
     "muon": optax_orth.muon(0.02, ns_dtype=bf16, muon_weight_dimension_numbers=ours),
     "namo_d": optax_orth.namo_d(0.02, ns_dtype=bf16, weight_dimension_numbers=ours),
     "normuon": optax_orth.normuon(0.02, ns_dtype=bf16, weight_dimension_numbers=ours),
-    "optax.contrib.muon": optax.contrib.muon(0.02, muon_weight_dimension_numbers=theirs),
+    "optax.contrib.muon": optax.contrib.muon(
+      0.02, muon_weight_dimension_numbers=theirs
+    ),
   }
   grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
   out = {}
   for name, tx in txs.items():
     state = tx.init(params)
     update = jax.jit(tx.update)
-    out[name] = _median_time(lambda g, s: update(g, s, params)[0], grads, state, reps=reps)
+    step = lambda g, s, update=update: update(g, s, params)[0]
+    out[name] = _median_time(step, grads, state, reps=reps)
   return out
 
 
@@ -173,7 +179,12 @@ def markdown(r: dict) -> str:
   for name, s in r["step_s"].items():
     lines.append(f"| {name} | {1e3 * s:.2f} | {r['step_over_optax'][name]:.2f} |")
   peak = r["peak_bytes"]
-  lines += ["", f"Peak device memory: {'not reported' if peak is None else f'{peak / 2**30:.2f} GiB'}.", ""]
+  lines += [
+    "",
+    "Peak device memory: "
+    + ("not reported." if peak is None else f"{peak / 2**30:.2f} GiB."),
+    "",
+  ]
   return "\n".join(lines)
 
 

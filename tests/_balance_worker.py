@@ -20,14 +20,14 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import optax_orth  # noqa: E402
-from optax_orth import MuonDimensionNumbers as DimNums  # noqa: E402
-from optax_orth.measure import hlo_collective_bytes  # noqa: E402
+import optax_orth
+from optax_orth import MuonDimensionNumbers as DimNums
+from optax_orth.measure import hlo_collective_bytes
 
 STEPS = 4
 N = 8
@@ -36,10 +36,10 @@ N = 8
 # Kernels are sharded as FSDP shards them: the fan-in axis over "fsdp" ("data"),
 # the fan-out axis over "model".
 UNEVEN = {
-  "stack3": ((3, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
-  "tall5": ((5, 96, 48), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+  "stack3": ((3, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),  # noqa: E501
+  "tall5": ((5, 96, 48), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),  # noqa: E501
   "wide": ((40, 200), DimNums(0, 1), P("fsdp", None), P("data", "model")),
-  "square6": ((6, 64, 64), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+  "square6": ((6, 64, 64), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),  # noqa: E501
   "bias": ((96,), None, P("fsdp"), P("model")),
 }  # fmt: skip
 # More devices than matrices: one kernel, split 8 ways.
@@ -52,12 +52,12 @@ FEW = {
 MOE = {
   "experts": ((3, 2, 64, 96), DimNums(2, 3), P(None, None, "fsdp", None),
               P(None, None, "data", "model")),
-  "dense": ((8, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),
+  "dense": ((8, 64, 96), DimNums(1, 2), P(None, "fsdp", None), P(None, "data", "model")),  # noqa: E501
 }  # fmt: skip
 # Layouts FSDP does not use (a stacking axis, a fan-out axis, replicated).
 ODD = {
-  "stack_batch": ((8, 64, 96), DimNums(1, 2), P("fsdp", None, None), P("data", None, "model")),
-  "fan_out": ((3, 64, 96), DimNums(1, 2), P(None, None, "fsdp"), P(None, "model", "data")),
+  "stack_batch": ((8, 64, 96), DimNums(1, 2), P("fsdp", None, None), P("data", None, "model")),  # noqa: E501
+  "fan_out": ((3, 64, 96), DimNums(1, 2), P(None, None, "fsdp"), P(None, "model", "data")),  # noqa: E501
   "replicated": ((2, 64, 96), DimNums(1, 2), P(), P()),
 }  # fmt: skip
 CASES = {
@@ -139,9 +139,7 @@ def main(path):
       hlo = compiled.as_text()
       result[f"{case}/{name}"] = {
         "diff": diff,
-        "collectives": {
-          k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()
-        },
+        "collectives": {k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()},
         "flops_ratio": flops(compiled) / (flops(single_c) / N),
       }
   with open(path, "w") as f:

@@ -324,7 +324,9 @@ def _power_of_two_scale(x: jax.Array) -> jax.Array:
 
 def power_of_two_from_amax(amax: jax.Array, dtype) -> jax.Array:
   """The scale of :func:`_power_of_two_scale` from ``max |x|`` per matrix."""
-  _, e = jnp.frexp(amax.astype(jnp.float32))  # amax = m 2^e, m in [0.5, 1); e = 0 for 0, inf, nan
+  _, e = jnp.frexp(
+    amax.astype(jnp.float32)
+  )  # amax = m 2^e, m in [0.5, 1); e = 0 for 0, inf, nan
   info = jnp.finfo(dtype)
   e = jnp.clip(e, max(1 - info.maxexp, -127), min(-info.minexp, 126))
   return jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)  # 2^-e

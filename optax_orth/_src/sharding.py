@@ -539,7 +539,9 @@ def _split_mesh(mesh, axes, plan: _SplitPlan):
       types.append(kind)
   group = (*axes[: plan.axis_index], inner)
   rest = (outer, *axes[plan.axis_index + 1 :])
-  devices = _concrete_mesh(mesh).devices.reshape(shape)
+  concrete = _concrete_mesh(mesh)
+  assert concrete is not None  # _split_plan checked
+  devices = concrete.devices.reshape(shape)
   sub = jax.sharding.Mesh(devices, tuple(names), axis_types=tuple(types))
   return sub, group, rest
 
@@ -556,7 +558,7 @@ def _concrete_mesh(mesh):
   if isinstance(mesh, jax.sharding.Mesh):
     return mesh
   try:
-    from jax._src.mesh import get_concrete_mesh  # noqa: PLC0415
+    from jax._src.mesh import get_concrete_mesh
   except ImportError:  # pragma: no cover - depends on the JAX version
     return None
   concrete = get_concrete_mesh()
@@ -660,9 +662,7 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
     in_spec, out_spec = P(everyone), P(outer, None, None, group)
     local = lambda block, pos: ns(block[0], pos[0])[None]
 
-  run = jax.shard_map(
-    local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec
-  )
+  run = jax.shard_map(local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec)
   context = jax.sharding.get_abstract_mesh()
   if context is not None and not context.empty:
     with jax.sharding.use_abstract_mesh(sub.abstract_mesh):

@@ -69,7 +69,7 @@ def split_options(orthogonalizer: Any) -> SplitOptions | None:
   coeffs, steps = kw.get("coeffs", "standard"), kw.get("steps")
   if orth_lib._traced_steps(coeffs, steps)[1] is not None:
     return None
-  if any(isinstance(v, jax.core.Tracer) for v in (coeffs, steps, kw.get("eps"))):
+  if any(isinstance(v, jax.Array) for v in (coeffs, steps, kw.get("eps"))):
     return None
   rows, safety = orth_lib.resolve_coeffs(coeffs, steps)
   if kw.get("safety") is not None:
@@ -102,8 +102,8 @@ def split_flops(opts: SplitOptions, r: int, c: int, g: int, in_dtype) -> float:
   rp, cp = -(-r // g) * g, -(-c // g) * g
   dtype = orth_lib._arith(in_dtype, opts.dtype).operand
   flops = orth_lib.newton_schulz_flops(
-    (rp, cp), len(opts.rows), method=method, restart=restart, dtype=dtype,
-    symmetric=None if g == 1 else False,
+    (rp, cp), len(opts.rows), method=method,  # pyright: ignore[reportArgumentType]
+    restart=restart, dtype=dtype,
   )  # fmt: skip
   return flops.total / g
 
@@ -168,9 +168,9 @@ def split_newton_schulz(
     return jax.lax.psum_scatter(local, axis, scatter_dimension=mdim, tiled=True)
 
   start = position * rb
-  eye_rows = (
-    jnp.arange(rb)[:, None] + start == jnp.arange(r)[None, :]
-  ).astype(arith.carry)
+  eye_rows = (jnp.arange(rb)[:, None] + start == jnp.arange(r)[None, :]).astype(
+    arith.carry
+  )
 
   # Normalization, as orthogonalizers._normalize ("frobenius").
   wide = jnp.promote_types(in_dtype, jnp.float32)
