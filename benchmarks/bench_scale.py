@@ -170,11 +170,12 @@ def ideal_flops(model: str, n: int, optimizer: str) -> float:
   return total / n
 
 
-def owner_minimum_bytes(model: str, n: int, layout: str) -> dict:
+def owner_minimum_bytes(model: str, n: int, layout: str, itemsize: int = 2) -> dict:
   """The owner scheme's collective bytes per device, by formula.
 
   Each device's shard of every orthogonalized matrix goes to its owner and
-  back: ``2 (N - 1) / N * B / N`` for ``B`` bytes of such matrices (bfloat16),
+  back: ``2 (N - 1) / N * B / N`` for ``B`` bytes of such matrices (in the
+  parameters' dtype, ``itemsize`` bytes an element),
   the ideal all-to-all. A matrix split over a group of ``g`` devices adds, per
   device and per piece, the ``r x r`` collectives of
   ``split_newton_schulz.split_bytes``; a device holds
@@ -198,7 +199,7 @@ def owner_minimum_bytes(model: str, n: int, layout: str) -> dict:
     count = math.prod(shape[: axes[0]])
     key = (shape[axes[0]], shape[axes[1]])
     groups[key] = groups.get(key, 0) + count
-    ns_bytes += 2 * math.prod(shape)
+    ns_bytes += itemsize * math.prod(shape)
   split = 0.0
   plans = {}
   for (a, b), m in groups.items():
@@ -245,7 +246,8 @@ def make_tx(name, dims):
   raise ValueError(name)
 
 
-def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
+def run_cell(model: str, n: int, layout: str, name: str) -> dict:
+  """One cell; ``name`` is an optimizer, ``@f32`` appended for float32 params."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -256,6 +258,9 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
   from optax_orth.measure import hlo_collective_bytes
 
   assert jax.device_count() == n, jax.device_count()
+  optimizer, _, suffix = name.partition("@")
+  dtype = jnp.float32 if suffix == "f32" else jnp.bfloat16
+  itemsize = jnp.dtype(dtype).itemsize
   if layout == "fsdp":
     mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,))
   else:
@@ -267,7 +272,7 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
   unsharded = sorted(k for k, (s, a) in tree.items() if a and not any(specs[k]))
   shardings = {k: NamedSharding(mesh, P(*specs[k])) for k in tree}
   params = {
-    k: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=shardings[k])
+    k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k])
     for k, (s, _) in tree.items()
   }
   dims = {
@@ -295,20 +300,22 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   mem = compiled.memory_analysis()
-  coll_cpu = hlo_collective_bytes(compiled.as_text(), n)
+  final_hlo = compiled.as_text()
+  coll_cpu = hlo_collective_bytes(final_hlo, n)
   # The CPU backend widens bfloat16 collectives to float32 after partitioning;
   # the module right after SPMD partitioning has them in their own dtype, as a
   # GPU or TPU runs them.
   dumped = sorted(
     Path(os.environ["BENCH_SCALE_DUMP"]).glob("*after_spmd-partitioning*")
   )
-  coll = hlo_collective_bytes(dumped[-1].read_text(), n)
-  param_bytes = sum(2 * math.prod(s) for s, _ in tree.values())
+  partitioned = dumped[-1].read_text()
+  coll = hlo_collective_bytes(partitioned, n)
+  param_bytes = sum(itemsize * math.prod(s) for s, _ in tree.values())
   return {
     "model": model,
     "devices": n,
     "layout": layout,
-    "optimizer": optimizer,
+    "optimizer": name,
     "flops": float(cost.get("flops", 0.0)),
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "ideal_flops": ideal_flops(model, n, optimizer),
@@ -319,10 +326,12 @@ def run_cell(model: str, n: int, layout: str, optimizer: str) -> dict:
     "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)),
     "adamw_state_bytes": 2 * param_bytes / n,
     "param_bytes": param_bytes,
+    "hlo_lines": len(final_hlo.splitlines()),
+    "partitioned_hlo_lines": len(partitioned.splitlines()),
     "lower_s": t1 - t0,
     "compile_s": t2 - t1,
     "unsharded_matrix_leaves": unsharded,
-    "minimum": owner_minimum_bytes(model, n, layout)
+    "minimum": owner_minimum_bytes(model, n, layout, itemsize)
     if optimizer in ("muon", "namo_d", "normuon", "muon_whole")
     else None,
   }
@@ -516,6 +525,37 @@ def report(results: dict) -> str:
               f"{r['moved_bytes'] / r['minimum']['total']:.2f} |"
             )
         lines.append("".join(cells))
+  f32 = [
+    (model, n, layout)
+    for model in MODELS
+    for n in (8, 64, 256, 1024)
+    for layout in LAYOUTS
+    if _get(results, model, n, layout, "muon@f32")
+  ]
+  if f32:
+    lines += [
+      "",
+      "### Temporary memory with float32 parameters",
+      "",
+      "The same cells with float32 parameters and moments, where the CPU "
+      "backend widens no collective: temporary memory of `muon` (and of "
+      "`optax.adamw` for scale) over the size of AdamW's state per device.",
+      "",
+      "| model | N | mesh | muon temp (GiB) | ÷ AdamW state | bytes ÷ min | "
+      "AdamW temp (GiB) |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for model, n, layout in f32:
+      r = _get(results, model, n, layout, "muon@f32")
+      assert r is not None
+      adamw = _get(results, model, n, layout, "adamw@f32")
+      mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
+      lines.append(
+        f"| {model} | {n} | {mesh} | {r['temp_bytes'] / 2**30:.2f} | "
+        f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
+        f"{r['moved_bytes'] / r['minimum']['total']:.2f} | "
+        f"{_fmt(adamw and adamw['temp_bytes'] / 2**30)} |"
+      )
   lines += [
     "",
     "### Roofline: one optimizer step",
@@ -532,9 +572,9 @@ def report(results: dict) -> str:
     )
     + " (sources in `HARDWARE` of `benchmarks/bench_scale.py`).",
     "",
-    "| model | N | mesh | H100: muon ms | of step | optax ms | TPU v5p: muon ms "
-    "| of step | optax ms |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| model | N | mesh | H100: muon ms | of step | *whole* ms | optax ms | "
+    "TPU v5p: muon ms | of step | *whole* ms | optax ms |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for model in MODELS:
     for n in (8, 64, 256, 1024):
@@ -545,12 +585,14 @@ def report(results: dict) -> str:
         if r is None:
           continue
         opt = _get(results, model, n, layout, "optax_muon")
+        whole = _get(results, model, n, layout, "muon_whole")
         mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
         row = f"| {model} | {n} | {mesh} |"
         for hw in HARDWARE.values():
           t = roofline(r, hw)
           row += (
             f" {1e3 * t:.1f} | {t / train_step_s(r, hw):.1%} | "
+            f"{_fmt(whole and 1e3 * roofline(whole, hw), '.1f')} | "
             f"{_fmt(opt and 1e3 * roofline(opt, hw), '.0f')} |"
           )
         lines.append(row)

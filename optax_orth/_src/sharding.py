@@ -477,6 +477,8 @@ def _split_plan(members, orthogonalizer, mesh, axes, n, min_flops):
   """How to split a shape group over groups of devices; None: whole matrices."""
   if min_flops is None or _concrete_mesh(mesh) is None:
     return None
+  if not hasattr(jax, "shard_map"):  # pragma: no cover - jax < 0.7
+    return None
   opts = split_lib.split_options(orthogonalizer)
   if opts is None:
     return None
@@ -544,6 +546,14 @@ def _split_mesh(mesh, axes, plan: _SplitPlan):
   devices = concrete.devices.reshape(shape)
   sub = jax.sharding.Mesh(devices, tuple(names), axis_types=tuple(types))
   return sub, group, rest
+
+
+def _use_abstract_mesh(mesh):
+  """``jax.sharding.use_abstract_mesh`` (public from jax 0.8; private before)."""
+  use = getattr(jax.sharding, "use_abstract_mesh", None)
+  if use is None:  # pragma: no cover - jax < 0.8
+    from jax._src.mesh import use_abstract_mesh as use
+  return use(mesh)
 
 
 def _concrete_mesh(mesh):
@@ -665,7 +675,7 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
   run = jax.shard_map(local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec)
   context = jax.sharding.get_abstract_mesh()
   if context is not None and not context.empty:
-    with jax.sharding.use_abstract_mesh(sub.abstract_mesh):
+    with _use_abstract_mesh(sub.abstract_mesh):
       y = run(x, position)
   else:
     y = run(x, position)
