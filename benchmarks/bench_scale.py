@@ -1,9 +1,11 @@
 """The optimizer update at LLM scale, compiled ahead of time on simulated devices.
 
 Each cell is one model, one mesh and one optimizer. The update
-``jax.jit(tx.update)`` is lowered under ``jax.set_mesh`` with abstract
-bfloat16 inputs (``jax.ShapeDtypeStruct`` with their shardings, so nothing is
-allocated) and compiled for ``N`` CPU devices
+``jax.jit(tx.update, out_shardings=...)`` (updates in the parameters'
+shardings, the state in ``optax_orth.state_shardings``) is lowered under
+``jax.set_mesh`` with abstract bfloat16 inputs (``jax.ShapeDtypeStruct``
+with their shardings, so nothing is allocated) and compiled for ``N`` CPU
+devices
 (``--xla_force_host_platform_device_count=N``). From the compiled
 per-device program:
 
@@ -293,7 +295,10 @@ def run_cell(model: str, n: int, layout: str, name: str) -> dict:
       state_sh,
     )
     t0 = time.perf_counter()
-    lowered = jax.jit(tx.update).lower(params, state, params)
+    # The trainer's layout: updates like the parameters, the state as
+    # state_shardings gives it (the compiler adds what moving there costs).
+    update = jax.jit(tx.update, out_shardings=(shardings, state_sh))
+    lowered = update.lower(params, state, params)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

@@ -390,6 +390,14 @@ def _owner(members, orthogonalizer, mesh, axes, n, min_flops, rows=False):
   plan = _split_plan(members, orthogonalizer, mesh, axes, n, min_flops)
   if plan is not None:
     return _split_owner(members, mesh, axes, n, plan, rows)
+  c = int(members[0].shape[2])
+  if len(axes) == 1 and not rows and c % n == 0 and _concrete_mesh(mesh) is not None:
+    # Transposed (tall) stacks, FSDP-sharded on their columns over one owner
+    # axis: the explicit all-to-all of the split path with groups of one
+    # device. (Left to the compiler, a stacked tall leaf was gathered whole,
+    # measured on a Mixtral-shaped tree in benchmarks/bench_scale.py.)
+    whole = _SplitPlan(None, "", 0, 1, 0, 1)
+    return _split_owner(members, mesh, axes, n, whole, rows, orthogonalizer)
   sizes = [int(x.shape[0]) for x in members]
   r, c = members[0].shape[1:]
   blocks, rests = [], []
@@ -581,7 +589,9 @@ def _concrete_mesh(mesh):
   return concrete
 
 
-def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
+def _split_owner(
+  members, mesh, axes, n, plan: _SplitPlan, rows: bool = False, whole=None
+):
   """Orthogonalizes ``(B_k, r, c)`` stacks, each matrix over ``g`` devices.
 
   With ``P = N / g`` device groups, the matrices are arranged as in
@@ -607,7 +617,8 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
     each device sending every other its rows of that device's column block.
 
   Otherwise the array is constrained to an ``(N, Q, r, c / g)`` layout and the
-  compiler moves it.
+  compiler moves it. ``whole``: an orthogonalizer to run on whole matrices
+  (``g = 1``) instead of the split iteration.
   """
   g = plan.g
   groups = n // g
@@ -633,9 +644,12 @@ def _split_owner(members, mesh, axes, n, plan: _SplitPlan, rows: bool = False):
   # Each device's position in its group (lax.axis_index does not lower for a
   # shard_map mesh other than the one in context).
   position = jnp.arange(g, dtype=jnp.int32)
-  ns = lambda x, pos: split_lib.split_newton_schulz(
-    x, plan.opts, plan.method, plan.restart, group, pos
-  )
+  if whole is not None:  # g = 1: whole matrices, any orthogonalizer
+    ns = lambda x, pos: whole(x)
+  else:
+    ns = lambda x, pos: split_lib.split_newton_schulz(
+      x, plan.opts, plan.method, plan.restart, group, pos
+    )
   if not rows and c % n == 0:  # columns over the owner devices
     x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
     in_spec = out_spec = P(None, None, None, everyone)
