@@ -320,3 +320,15 @@ def test_hlo_collective_bytes():
   assert got["reduce-scatter"]["count"] == 0
   assert got["total"]["count"] == 4
   assert got["total"]["moved_bytes"] == 896.0 + 96.0 + 512.0 + 512.0
+
+
+def test_hlo_collective_bytes_mesh_groups_with_device_ids():
+  """Shardy's mesh form of replica groups, with and without a device order."""
+  hlo = """
+  %p = bf16[3,100]{1,0} parameter(0)
+  %ag = bf16[48,100]{1,0} all-gather(%p), channel_id=4, replica_groups=mesh['axis_0'=16,'axis_1'=1,'axis_2'=16], device_ids=([16,16]T(1,0)) {'axis_0'}, dimensions={0}
+  %ag2 = bf16[48,100]{1,0} all-gather(%p), channel_id=5, replica_groups=mesh['axis_0'=16,'axis_1'=16] {'axis_1'}, dimensions={0}
+  """  # noqa: E501
+  got = optax_orth.measure.hlo_collective_bytes(hlo, 256)["all-gather"]
+  assert got["count"] == 2
+  assert got["moved_bytes"] == 2 * 15 * 600  # groups of 16, not of 256

@@ -613,7 +613,8 @@ def _split_owner(
     block ``j P + p``, so column block ``j`` of the split is the blocks of
     devices ``j P + p'``, and one all-to-all among them each way moves it;
   * rows over the owner devices (``N`` divides ``r``; ``rows=True``, or the
-    columns do not divide): one all-to-all over all owner devices each way,
+    columns do not divide; ``rows=True`` whose rows do not divide takes the
+    columns): one all-to-all over all owner devices each way,
     each device sending every other its rows of that device's column block.
 
   Otherwise the array is constrained to an ``(N, Q, r, c / g)`` layout and the
@@ -650,7 +651,7 @@ def _split_owner(
     ns = lambda x, pos: split_lib.split_newton_schulz(
       x, plan.opts, plan.method, plan.restart, group, pos
     )
-  if not rows and c % n == 0:  # columns over the owner devices
+  if c % n == 0 and (not rows or r % n):  # columns over the owner devices
     x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
     in_spec = out_spec = P(None, None, None, everyone)
 
@@ -843,7 +844,10 @@ def _group_size(attrs: str, default: int) -> int:
   m = re.search(r"replica_groups=\[([0-9]+),([0-9]+)\]", attrs)
   if m:
     return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  m = re.search(
+    r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\S*)?\s*\{([^}]*)\}",
+    attrs,
+  )
   if m:
     sizes = dict(re.findall(r"'?([\w]+)'?=([0-9]+)", m.group(1)))
     names = re.findall(r"'?([\w]+)'?", m.group(2))
