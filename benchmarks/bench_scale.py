@@ -494,13 +494,12 @@ def report(results: dict) -> str:
     "### Beside the baselines",
     "",
     "`optax.contrib.muon` (FLOPs over its own ideal, its plain float32 "
-    "iteration ÷ N) and `optax.adamw`; NAMO-D and NorMuon with the balanced "
-    "owner scheme.",
+    "iteration ÷ N); NAMO-D and NorMuon with the balanced owner scheme.",
     "",
     "| model | N | mesh | optax muon FLOPs ÷ its ideal | optax bytes (GB) | "
-    "optax temp (GiB) | AdamW temp (GiB) | namo_d FLOPs ÷ ideal | namo_d bytes ÷ min "
+    "optax temp (GiB) | namo_d FLOPs ÷ ideal | namo_d bytes ÷ min "
     "| normuon FLOPs ÷ ideal | normuon bytes ÷ min |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for model in MODELS:
     for n in (8, 64, 256, 1024):
@@ -518,8 +517,6 @@ def report(results: dict) -> str:
             f" {opt['flops'] / opt['ideal_flops']:.2f} | "
             f"{opt['moved_bytes'] / 1e9:.1f} | {opt['temp_bytes'] / 2**30:.2f} |"
           )
-        adamw = _get(results, model, n, layout, "adamw")
-        cells.append(f" {_fmt(adamw and adamw['temp_bytes'] / 2**30)} |")
         for name in ("namo_d", "normuon"):
           r = _get(results, model, n, layout, name)
           if r is None:
@@ -543,23 +540,20 @@ def report(results: dict) -> str:
       "### Temporary memory with float32 parameters",
       "",
       "The same cells with float32 parameters and moments, where the CPU "
-      "backend widens no collective: temporary memory of `muon` (and of "
-      "`optax.adamw` for scale) over the size of AdamW's state per device.",
+      "backend widens no collective: temporary memory of `muon` over the size "
+      "of AdamW's state per device.",
       "",
-      "| model | N | mesh | muon temp (GiB) | ÷ AdamW state | bytes ÷ min | "
-      "AdamW temp (GiB) |",
-      "|---|---|---|---|---|---|---|",
+      "| model | N | mesh | muon temp (GiB) | ÷ AdamW state | bytes ÷ min |",
+      "|---|---|---|---|---|---|",
     ]
     for model, n, layout in f32:
       r = _get(results, model, n, layout, "muon@f32")
       assert r is not None
-      adamw = _get(results, model, n, layout, "adamw@f32")
       mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
       lines.append(
         f"| {model} | {n} | {mesh} | {r['temp_bytes'] / 2**30:.2f} | "
         f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
-        f"{r['moved_bytes'] / r['minimum']['total']:.2f} | "
-        f"{_fmt(adamw and adamw['temp_bytes'] / 2**30)} |"
+        f"{r['moved_bytes'] / r['minimum']['total']:.2f} |"
       )
   lines += [
     "",
