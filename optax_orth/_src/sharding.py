@@ -290,6 +290,8 @@ def owner_orthogonalize(
     if mesh is None:
       return _plain(list(xs), orthogonalizer)
     ctx = jax.sharding.get_abstract_mesh()
+    if not _SHARD_MAP_IN_AUTO_AXES:  # jax < 0.8: whole matrices, compiler's moves
+      return _owner(list(xs), orthogonalizer, ctx, axes, n, None, rows, False)
     return _owner(list(xs), orthogonalizer, ctx, axes, n, min_flops, rows)
 
   fn = jax.sharding.auto_axes(
@@ -386,12 +388,19 @@ def _sharded_first(lay, dims, axes, n):
   return lay._replace(perm=tuple(batch[j] for j in order) + tuple(lay.perm[nb:]))
 
 
-def _owner(members, orthogonalizer, mesh, axes, n, min_flops, rows=False):
+# The split path's shard_map over a re-cut mesh inside jax.sharding.auto_axes
+# (Explicit axes) needs jax >= 0.8, where use_abstract_mesh is public; 0.7
+# rejects the result's sharding.
+_SHARD_MAP_IN_AUTO_AXES = hasattr(jax.sharding, "use_abstract_mesh")
+
+
+def _owner(members, orthogonalizer, mesh, axes, n, min_flops, rows=False, direct=True):
   plan = _split_plan(members, orthogonalizer, mesh, axes, n, min_flops)
   if plan is not None:
     return _split_owner(members, mesh, axes, n, plan, rows)
   c = int(members[0].shape[2])
-  if len(axes) == 1 and not rows and c % n == 0 and _concrete_mesh(mesh) is not None:
+  tall_direct = direct and len(axes) == 1 and not rows and c % n == 0
+  if tall_direct and _concrete_mesh(mesh) is not None:
     # Transposed (tall) stacks, FSDP-sharded on their columns over one owner
     # axis: the explicit all-to-all of the split path with groups of one
     # device. (Left to the compiler, a stacked tall leaf was gathered whole,
