@@ -429,6 +429,16 @@ def _fmt(x, spec=".2f", missing="—"):
   return missing if x is None else format(x, spec)
 
 
+def _grid():
+  """(model, N, layout, mesh label) of every cell of the report, in order."""
+  for model in MODELS:
+    for n in (8, 64, 256, 1024):
+      for layout in LAYOUTS:
+        if layout == "fsdp_tp" and n < 2 * TP:
+          continue
+        yield model, n, layout, f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
+
+
 def _status(results, model, n, layout, opt):
   r = results.get(cell_key(model, n, layout, opt))
   if r is None:
@@ -463,32 +473,27 @@ def report(results: dict) -> str:
     "permutes | temp (GiB) | ÷ AdamW | compile (s) | ÷ optax |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for model in MODELS:
-    for n in (8, 64, 256, 1024):
-      for layout in LAYOUTS:
-        if layout == "fsdp_tp" and n < 2 * TP:
-          continue
-        r = _get(results, model, n, layout, "muon")
-        mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
-        if r is None:
-          why = _status(results, model, n, layout, "muon")
-          lines.append(f"| {model} | {n} | {mesh} | {why} |||||||||")
-          continue
-        whole = _get(results, model, n, layout, "muon_whole")
-        opt = _get(results, model, n, layout, "optax_muon")
-        minimum = r["minimum"]["total"]
-        compile_ratio = opt and r["compile_s"] / max(opt["compile_s"], 1e-9)
-        optax_status = _status(results, model, n, layout, "optax_muon") or "—"
-        lines.append(
-          f"| {model} | {n} | {mesh} | {r['flops'] / r['ideal_flops']:.3f} | "
-          f"{_fmt(whole and whole['flops'] / whole['ideal_flops'], '.2f')} | "
-          f"{r['moved_bytes'] / 1e9:.3f} | {r['moved_bytes'] / minimum:.2f} | "
-          f"{r['collectives']['collective-permute']} | "
-          f"{r['temp_bytes'] / 2**30:.2f} | "
-          f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
-          f"{r['compile_s']:.0f} | "
-          f"{_fmt(compile_ratio, '.1f', optax_status)} |"
-        )
+  for model, n, layout, mesh in _grid():
+    r = _get(results, model, n, layout, "muon")
+    if r is None:
+      why = _status(results, model, n, layout, "muon")
+      lines.append(f"| {model} | {n} | {mesh} | {why} |||||||||")
+      continue
+    whole = _get(results, model, n, layout, "muon_whole")
+    opt = _get(results, model, n, layout, "optax_muon")
+    minimum = r["minimum"]["total"]
+    compile_ratio = opt and r["compile_s"] / max(opt["compile_s"], 1e-9)
+    optax_status = _status(results, model, n, layout, "optax_muon") or "—"
+    lines.append(
+      f"| {model} | {n} | {mesh} | {r['flops'] / r['ideal_flops']:.3f} | "
+      f"{_fmt(whole and whole['flops'] / whole['ideal_flops'], '.2f')} | "
+      f"{r['moved_bytes'] / 1e9:.3f} | {r['moved_bytes'] / minimum:.2f} | "
+      f"{r['collectives']['collective-permute']} | "
+      f"{r['temp_bytes'] / 2**30:.2f} | "
+      f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
+      f"{r['compile_s']:.0f} | "
+      f"{_fmt(compile_ratio, '.1f', optax_status)} |"
+    )
   lines += [
     "",
     "### Beside the baselines",
@@ -501,39 +506,28 @@ def report(results: dict) -> str:
     "| normuon FLOPs ÷ ideal | normuon bytes ÷ min |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for model in MODELS:
-    for n in (8, 64, 256, 1024):
-      for layout in LAYOUTS:
-        if layout == "fsdp_tp" and n < 2 * TP:
-          continue
-        mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
-        cells = [f"| {model} | {n} | {mesh} |"]
-        opt = _get(results, model, n, layout, "optax_muon")
-        if opt is None:
-          why = _status(results, model, n, layout, "optax_muon")
-          cells.append(f" {why} | | |")
-        else:
-          cells.append(
-            f" {opt['flops'] / opt['ideal_flops']:.2f} | "
-            f"{opt['moved_bytes'] / 1e9:.1f} | {opt['temp_bytes'] / 2**30:.2f} |"
-          )
-        for name in ("namo_d", "normuon"):
-          r = _get(results, model, n, layout, name)
-          if r is None:
-            cells.append(f" {_status(results, model, n, layout, name)} | |")
-          else:
-            cells.append(
-              f" {r['flops'] / r['ideal_flops']:.3f} | "
-              f"{r['moved_bytes'] / r['minimum']['total']:.2f} |"
-            )
-        lines.append("".join(cells))
-  f32 = [
-    (model, n, layout)
-    for model in MODELS
-    for n in (8, 64, 256, 1024)
-    for layout in LAYOUTS
-    if _get(results, model, n, layout, "muon@f32")
-  ]
+  for model, n, layout, mesh in _grid():
+    cells = [f"| {model} | {n} | {mesh} |"]
+    opt = _get(results, model, n, layout, "optax_muon")
+    if opt is None:
+      why = _status(results, model, n, layout, "optax_muon")
+      cells.append(f" {why} | | |")
+    else:
+      cells.append(
+        f" {opt['flops'] / opt['ideal_flops']:.2f} | "
+        f"{opt['moved_bytes'] / 1e9:.1f} | {opt['temp_bytes'] / 2**30:.2f} |"
+      )
+    for name in ("namo_d", "normuon"):
+      r = _get(results, model, n, layout, name)
+      if r is None:
+        cells.append(f" {_status(results, model, n, layout, name)} | |")
+      else:
+        cells.append(
+          f" {r['flops'] / r['ideal_flops']:.3f} | "
+          f"{r['moved_bytes'] / r['minimum']['total']:.2f} |"
+        )
+    lines.append("".join(cells))
+  f32 = [cell for cell in _grid() if _get(results, *cell[:3], "muon@f32")]
   if f32:
     lines += [
       "",
@@ -546,10 +540,9 @@ def report(results: dict) -> str:
       "| model | N | mesh | muon temp (GiB) | ÷ AdamW state | bytes ÷ min |",
       "|---|---|---|---|---|---|",
     ]
-    for model, n, layout in f32:
+    for model, n, layout, mesh in f32:
       r = _get(results, model, n, layout, "muon@f32")
       assert r is not None
-      mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
       lines.append(
         f"| {model} | {n} | {mesh} | {r['temp_bytes'] / 2**30:.2f} | "
         f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
@@ -575,26 +568,21 @@ def report(results: dict) -> str:
     "TPU v5p: muon ms | of step | *whole* ms | optax ms |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for model in MODELS:
-    for n in (8, 64, 256, 1024):
-      for layout in LAYOUTS:
-        if layout == "fsdp_tp" and n < 2 * TP:
-          continue
-        r = _get(results, model, n, layout, "muon")
-        if r is None:
-          continue
-        opt = _get(results, model, n, layout, "optax_muon")
-        whole = _get(results, model, n, layout, "muon_whole")
-        mesh = f"{n}" if layout == "fsdp" else f"{n // TP}x{TP}"
-        row = f"| {model} | {n} | {mesh} |"
-        for hw in HARDWARE.values():
-          t = roofline(r, hw)
-          row += (
-            f" {1e3 * t:.1f} | {t / train_step_s(r, hw):.1%} | "
-            f"{_fmt(whole and 1e3 * roofline(whole, hw), '.1f')} | "
-            f"{_fmt(opt and 1e3 * roofline(opt, hw), '.0f')} |"
-          )
-        lines.append(row)
+  for model, n, layout, mesh in _grid():
+    r = _get(results, model, n, layout, "muon")
+    if r is None:
+      continue
+    opt = _get(results, model, n, layout, "optax_muon")
+    whole = _get(results, model, n, layout, "muon_whole")
+    row = f"| {model} | {n} | {mesh} |"
+    for hw in HARDWARE.values():
+      t = roofline(r, hw)
+      row += (
+        f" {1e3 * t:.1f} | {t / train_step_s(r, hw):.1%} | "
+        f"{_fmt(whole and 1e3 * roofline(whole, hw), '.1f')} | "
+        f"{_fmt(opt and 1e3 * roofline(opt, hw), '.0f')} |"
+      )
+    lines.append(row)
   lines += ["", END]
   return "\n".join(lines)
 
