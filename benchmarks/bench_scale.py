@@ -100,7 +100,9 @@ MFU = 0.4
 
 
 def leaves(model: str) -> dict[str, tuple[tuple[int, ...], tuple[int, int] | None]]:
-  cfg = MODELS[model]
+  """The model's leaves; ``"name:L"`` is the model ``name`` with ``L`` layers."""
+  name, _, layers = model.partition(":")
+  cfg = dict(MODELS[name], **({"layers": int(layers)} if layers else {}))
   L, d, f, V = cfg["layers"], cfg["d"], cfg["ffn"], cfg["vocab"]
   out: dict = {"embed": ((V, d), None), "final_norm": ((d,), None)}
   if cfg["kind"] == "gpt2":
@@ -548,6 +550,7 @@ def report(results: dict) -> str:
         f"{r['temp_bytes'] / r['adamw_state_bytes']:.2f} | "
         f"{r['moved_bytes'] / r['minimum']['total']:.2f} |"
       )
+  lines += _compile_section(results)
   lines += [
     "",
     "### Roofline: one optimizer step",
@@ -585,6 +588,44 @@ def report(results: dict) -> str:
     lines.append(row)
   lines += ["", END]
   return "\n".join(lines)
+
+
+def _compile_section(results: dict) -> list[str]:
+  """Compile time and module sizes against layers and against devices."""
+  model = "llama3-8b"
+  layer_counts = sorted(
+    {int(k.split("/")[0].split(":")[1]) for k in results if k.startswith(model + ":")}
+    | {MODELS[model]["layers"]}
+  )
+  rows = [(f"{model}:{L}" if L != MODELS[model]["layers"] else model, L, 64)
+          for L in layer_counts]  # fmt: skip
+  rows += [(model, MODELS[model]["layers"], n) for n in (8, 256, 1024)]
+  lines = [
+    "",
+    "### Where compile time goes",
+    "",
+    f"`{model}` shapes on the FSDP mesh: compile time and the size of the module "
+    "right after SPMD partitioning (what every backend receives) and of the "
+    "final CPU module, in lines, for `muon` and `optax.contrib.muon`. The "
+    "rows at 64 devices vary the number of layers.",
+    "",
+    "| layers | N | muon compile (s) | partitioned lines | final lines | "
+    "optax compile (s) | partitioned lines | final lines |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, layers, n in sorted(rows, key=lambda t: (t[2], t[1])):
+    cells = [f"| {layers} | {n} |"]
+    for opt in ("muon", "optax_muon"):
+      r = _get(results, name, n, "fsdp", opt)
+      if r is None:
+        cells.append(f" {_status(results, name, n, 'fsdp', opt)} | | |")
+      else:
+        cells.append(
+          f" {r['compile_s']:.1f} | {_fmt(r.get('partitioned_hlo_lines'), ',')} | "
+          f"{_fmt(r.get('hlo_lines'), ',')} |"
+        )
+    lines.append("".join(cells))
+  return lines
 
 
 def write_section(page: Path, text: str) -> None:

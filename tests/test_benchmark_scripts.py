@@ -95,3 +95,25 @@ def test_bench_scale_report_renders():
   assert bench.roofline(cell, hw) == pytest.approx(
     max(2.0 / hw["flops"], 1e9 / hw["hbm"]) + 3e9 / hw["link_in_node"]
   )
+
+
+@pytest.mark.slow
+def test_bench_scale_normuon_moves_results_back_without_gathers(tmp_path):
+  """NorMuon on the Mixtral-shaped tree, 64 devices, FSDP x TP (AOT): the
+  per-neuron statistics must not make the compiler gather the owners'
+  results whole (it did: 2.3x muon's bytes and 4x its temporary memory)."""
+  results = tmp_path / "scale.json"
+  proc = subprocess.run(
+    [sys.executable, "benchmarks/bench_scale.py", "--models", "mixtral-8x7b",
+     "--devices", "64", "--layouts", "fsdp_tp", "--optimizers", "muon", "normuon",
+     "--limit", "600", "--results", str(results)],
+    cwd=ROOT, capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cells = json.loads(results.read_text())
+  muon = cells["mixtral-8x7b/64/fsdp_tp/muon"]
+  normuon = cells["mixtral-8x7b/64/fsdp_tp/normuon"]
+  assert "flops" in normuon, normuon
+  assert normuon["moved_by_kind"]["all-gather"] <= 0.01 * muon["moved_bytes"]
+  assert normuon["moved_bytes"] <= 1.05 * muon["moved_bytes"]
+  assert normuon["temp_bytes"] <= 1.1 * muon["temp_bytes"]

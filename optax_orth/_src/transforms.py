@@ -519,7 +519,12 @@ def scale_by_neuron_rms(
       n0 if target_rms is None else target_rms * (lay.fan_in * lay.fan_out) ** 0.5
     )
     m = m * (target / (jnp.linalg.norm(m, axis=(-2, -1), keepdims=True) + eps))
-    return lay.from_matrices(m).astype(o.dtype), nu
+    out = lay.from_matrices(m).astype(o.dtype)
+    # Under a mesh, the result in its input's layout: left free, the compiler
+    # may gather the owners' results whole to form the statistics (an MoE
+    # stack on a 2-D mesh: 2.3x the owner scheme's bytes, benchmarks/
+    # bench_scale.py).
+    return sharding_lib.keep_layout([out], [o])[0], nu
 
   def update_fn(updates, state, params=None):
     del params
