@@ -10,7 +10,9 @@ split over device groups), and writes the largest difference between the two
 trajectories, the collectives of the compiled sharded update, the per-device
 Newton–Schulz plan (group size per shape) and the per-device FLOPs over the
 single-device FLOPs divided by 8. Where transformers is installed, the same
-comparison runs on a Hugging Face Flax Llama routed by ``route_by_model``.
+comparison runs on a Hugging Face Flax Llama routed by ``route_by_model``, and
+a Flax NNX model with ``nnx.scan`` layers trains three steps through
+``nnx.Optimizer`` on one device and on the 8.
 """
 
 from __future__ import annotations
@@ -164,9 +166,92 @@ def hugging_face_llama(result):
   compare(result, "hf_llama/fsdp8", mesh, dims, params, grads, shardings, sharding)
 
 
+def flax_nnx_scan(result):
+  """Three ``nnx.Optimizer`` steps of a scan-over-layers NNX model, its
+  kernels annotated FSDP (``nnx.with_partitioning``), created under the mesh
+  as the Flax guide does; the parameters after each step are compared."""
+  try:
+    from flax import nnx
+  except ImportError:
+    return
+  import optax
+
+  init = nnx.initializers.lecun_normal()
+  fsdp = lambda: nnx.with_partitioning(init, ("fsdp", None))
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(64, 96, kernel_init=fsdp(), rngs=rngs)
+      self.down = nnx.Linear(96, 64, kernel_init=fsdp(), rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.down(nnx.gelu(self.up(x)))
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=3)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+      def create(rngs):
+        return Block(rngs)
+
+      self.blocks = create(rngs)
+      self.head = nnx.Linear(64, 8, rngs=rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def forward(x, block):
+        return block(x)
+
+      return self.head(forward(x, self.blocks))
+
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((16, 64)).astype(np.float32)
+  y = rng.integers(0, 8, 16)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(model):
+      logits = model(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grads = nnx.grad(loss_fn)(model)
+    optimizer.update(model, grads)
+
+  def train(name, mesh, sharding):
+    with jax.set_mesh(mesh):  # Flax creates the variables sharded
+      model = Model(nnx.Rngs(0))
+      dims = optax_orth.route_by_model(model, x)
+      optimizer = nnx.Optimizer(model, make(name, dims, sharding), wrt=nnx.Param)
+      out = []
+      for _ in range(STEPS - 1):
+        step(model, optimizer, x, y)
+        out.append(jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
+      return out, step.lower(model, optimizer, x, y).compile()
+
+  one = jax.make_mesh(
+    (1,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1]
+  )
+  mesh = jax.make_mesh((N,), ("fsdp",), axis_types=(AxisType.Auto,))
+  for name in ALIASES:
+    single, _ = train(name, one, None)
+    sharded, compiled = train(name, mesh, optax_orth.OwnerSharding(split_min_flops=0))
+    diff = max(
+      float(np.max(np.abs(a - b)))
+      for s, t in zip(single, sharded, strict=True)
+      for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(t), strict=True)
+    )
+    hlo = compiled.as_text()
+    result[f"nnx_scan/fsdp8/{name}"] = {
+      "diff": diff,
+      "collectives": {k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()},
+      "flops_ratio": None,  # the whole train step, not the update alone
+    }
+
+
 def main(path):
   result = {}
   hugging_face_llama(result)
+  flax_nnx_scan(result)
   for case, (tree, shape, names, spec_col, owner) in CASES.items():
     dims = {k: v[1] for k, v in tree.items()}
     params, grads = data(tree)
