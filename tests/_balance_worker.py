@@ -103,14 +103,27 @@ def trajectory(tx, params, grads, shardings=None):
   update = jax.jit(tx.update)
   params = put(params)
   state = tx.init(params)
-  out, compiled = [], None
+  out, compiled, moved = [], None, []
   for g in grads:
     g = put(g)
     if compiled is None:
       compiled = update.lower(g, state, params).compile()
-    u, state = update(g, state, params)
+    u, new_state = update(g, state, params)
+    if shardings is not None:
+      # Updates in their parameters' layouts; from the second step on (the
+      # first state is init's), each state leaf in the layout it came in with.
+      pairs = [(u, params)] + ([(new_state, state)] if out else [])
+      moved += [
+        jax.tree_util.keystr(path)
+        for new, old in pairs
+        for (path, a), b in zip(
+          jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(old), strict=True
+        )
+        if not a.sharding.is_equivalent_to(b.sharding, a.ndim)
+      ]
+    state = new_state
     out.append(jax.tree.map(np.asarray, u))
-  return out, compiled
+  return out, (compiled, sorted(set(moved)))
 
 
 def flops(compiled):
@@ -121,9 +134,9 @@ def flops(compiled):
 
 def compare(result, case, mesh, dims, params, grads, shardings, sharding):
   for name in ALIASES:
-    single, single_c = trajectory(make(name, dims, None), params, grads)
+    single, (single_c, _) = trajectory(make(name, dims, None), params, grads)
     with jax.set_mesh(mesh):
-      sharded, compiled = trajectory(
+      sharded, (compiled, moved) = trajectory(
         make(name, dims, sharding), params, grads, shardings
       )
     diff = max(
@@ -136,6 +149,7 @@ def compare(result, case, mesh, dims, params, grads, shardings, sharding):
       "diff": diff,
       "collectives": {k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()},
       "flops_ratio": flops(compiled) / (flops(single_c) / N),
+      "moved": moved,
     }
 
 

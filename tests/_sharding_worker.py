@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_orth  # noqa: E402
 from optax_orth import MuonDimensionNumbers as DimNums  # noqa: E402
+from optax_orth._src.sharding import _type_bytes  # noqa: E402
 from optax_orth.measure import hlo_collective_bytes  # noqa: E402
 
 STEPS = 3
@@ -283,7 +284,18 @@ def measure_default(tx, params, grads, mesh, specs):
     "flops_ratio": _flops(compiled) / (flops_1 / mesh.size),
     "collectives": hlo_collective_bytes(compiled.as_text(), mesh.size),
     "layout_kept": same(got, g_d) and same(s_new, s_d),
+    "largest_all_gather": largest_all_gather(compiled.as_text()),
   }
+
+
+def largest_all_gather(hlo: str) -> int:
+  """Bytes of the largest all-gather result in ``hlo`` (0 if none)."""
+  sizes = [0]
+  for line in hlo.splitlines():
+    if " all-gather(" in line or " all-gather-start(" in line:
+      result_type = line.split("=", 1)[1].split(" all-gather")[0]
+      sizes.append(_type_bytes(result_type))
+  return max(sizes)
 
 
 def default_gpt(result):
@@ -367,10 +379,10 @@ def run_default(tx, params, grads, mesh, specs):
   return out
 
 
-def updates_for_processes(tx, mesh):
+def updates_for_processes(tx, mesh, prefix=""):
   params, grads = data(1)
   got = run_default(tx, params, grads, mesh, SPECS_1D)
-  return {f"{i}/{k}": v for i, u in enumerate(got) for k, v in u.items()}
+  return {f"{prefix}{i}/{k}": v for i, u in enumerate(got) for k, v in u.items()}
 
 
 def process(pid, port, out_path):
@@ -385,6 +397,9 @@ def process(pid, port, out_path):
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   tx = optimizers("auto")["namo_d"]  # the default
   out = updates_for_processes(tx, mesh)
+  # Every matrix split over device groups that span both processes.
+  split = optimizers(optax_orth.OwnerSharding(split_min_flops=0))["namo_d"]
+  out |= updates_for_processes(split, mesh, "split/")
   if pid == 0:
     np.savez(out_path, **out)
   jax.distributed.shutdown()
@@ -393,7 +408,8 @@ def process(pid, port, out_path):
 def reference_single(out_path):
   params, grads = data(1)
   got = run_single(optimizers(None)["namo_d"], params, grads)
-  np.savez(out_path, **{f"{i}/{k}": v for i, u in enumerate(got) for k, v in u.items()})
+  out = {f"{i}/{k}": v for i, u in enumerate(got) for k, v in u.items()}
+  np.savez(out_path, **out, **{f"split/{k}": v for k, v in out.items()})
 
 
 if __name__ == "__main__":

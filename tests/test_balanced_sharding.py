@@ -56,6 +56,15 @@ def test_split_paths_equal_one_device(balanced):
     assert r["diff"] <= 1e-5, (key, r["diff"])
 
 
+def test_split_paths_keep_every_layout(balanced):
+  """Without out_shardings, the updates come back in their parameters'
+  layouts and the state in its own, whatever layout the split path assumed
+  (replicated and fan-out-sharded leaves included)."""
+  for key, r in balanced.items():
+    if "moved" in r:
+      assert r["moved"] == [], (key, r["moved"])
+
+
 def test_split_paths_balance_the_flops(balanced):
   """Per-device FLOPs within 1.1x of the single-device FLOPs over the owners."""
   for key, r in balanced.items():

@@ -120,7 +120,10 @@ def test_default_moe_and_two_dimensional_mesh(tmp_path):
     assert r["diff"] <= 1e-5, (key, r["diff"])
     assert r["flops_ratio"] <= 1.05, (key, r["flops_ratio"])
     assert r["layout_kept"], key
-    assert coll["all-gather"]["moved_bytes"] <= 0.01 * param_bytes, (key, coll)
+    # No kernel is gathered (the smallest, 64 x 64 float32, is 16 KiB); what
+    # is gathered are per-row statistics (at most 256 float32), kept in the
+    # replicated layout the state came in with.
+    assert r["largest_all_gather"] <= 1024, (key, r["largest_all_gather"], coll)
     assert coll["collective-permute"]["count"] == 0, (key, coll)
     # Each matrix moves to its owner and back: about 2 (N-1)/N^2 of the tree.
     assert coll["total"]["moved_bytes"] <= 0.6 * param_bytes, (key, coll)
@@ -162,7 +165,8 @@ def test_two_processes_match_one_process(tmp_path):
       if p.poll() is None:
         p.kill()
   got, want = np.load(outs[0]), np.load(reference)
-  assert sorted(got.files) == sorted(want.files) and len(got.files) == 3 * 7
+  # the default, and every matrix split over groups spanning both processes
+  assert sorted(got.files) == sorted(want.files) and len(got.files) == 2 * 3 * 7
   for key in want.files:
     np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0, err_msg=key)
 

@@ -335,6 +335,30 @@ def keep_layout(
   return [shard_alike(x, y)[0] for x, y in zip(xs, likes, strict=True)]
 
 
+def keep_state_layout(new: Any, old: Any, sharding: ShardingLike = AUTO) -> Any:
+  """Ties every leaf of a new state to the same leaf of the old one.
+
+  The old state is usually an input of the jitted step, whose sharding is
+  fixed; tied to it (``shard_alike``), the new state keeps that layout
+  instead of taking one from the owner scheme's ``shard_map`` (which lays
+  matrices out as the scheme assumes FSDP shards them, and would otherwise
+  move unpinned outputs to that layout). A no-op where :func:`keep_layout`
+  is one.
+  """
+  news, treedef = jax.tree.flatten(new)
+  olds = jax.tree.leaves(old)
+  if len(olds) != len(news):
+    return new
+  pairs = [
+    i for i, (a, b) in enumerate(zip(news, olds, strict=True))
+    if jnp.shape(a) == jnp.shape(b) and jnp.ndim(a)
+  ]  # fmt: skip
+  tied = keep_layout([news[i] for i in pairs], [olds[i] for i in pairs], sharding)
+  for i, x in zip(pairs, tied, strict=True):
+    news[i] = x
+  return jax.tree.unflatten(treedef, news)
+
+
 def owner_layouts(layouts: Sequence[Any], leaves: Sequence[jax.Array], sharding):
   """Matrix layouts whose batch axes put the sharded ones first.
 
@@ -691,9 +715,11 @@ def _split_owner(
     x = x.reshape(groups, q_total, rp, g, cg).transpose(3, 0, 1, 2, 4)
     x = x.reshape(n, q_total, rp, cg)
     x = _constrain(_staged(x, mesh, axes, True), mesh, axes)
-    # In: (N, Q, r, c / g) over all owner devices (the layout the one-axis
-    # stages of _staged reach); out: (P, Q, r, c), the columns over the group.
-    in_spec, out_spec = P(everyone), P(outer, None, None, group)
+    # In and out: (N, Q, r, c / g) over all owner devices (the layout the
+    # one-axis stages of _staged reach, and one that the mesh outside can
+    # name: a result sharded over the cut axes would reach the jit's outputs
+    # with a layout JAX cannot state on the original mesh).
+    in_spec = out_spec = P(everyone)
     local = lambda block, pos: ns(block[0], pos[0])[None]
 
   run = jax.shard_map(local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec)
@@ -703,6 +729,10 @@ def _split_owner(
       y = run(x, position)
   else:
     y = run(x, position)
+  if in_spec == P(everyone):  # back from device j P + p to (P, Q, r, c)
+    y = _staged(_constrain(y, mesh, axes), mesh, axes, False)
+    y = y.reshape(g, groups, q_total, rp, cg).transpose(1, 2, 3, 0, 4)
+    y = y.reshape(groups, q_total, rp, cp)
   y = y[:, :, :r, :c]
   n_pool = -(-n_rest // groups) if n_rest else 0
   pool = y[:, q_total - n_pool :].reshape(-1, r, c) if n_rest else None

@@ -347,7 +347,7 @@ def orthogonalize_momentum(
       updates, mu, count_inc, beta, nesterov, bias_correction
     )
     m_hats = jax.tree.leaves(mu_hat)
-    m_hats = sharding_lib.keep_layout(m_hats, jax.tree.leaves(mu), sharding)
+    m_hats = sharding_lib.keep_layout(m_hats, jax.tree.leaves(state.mu), sharding)
     layouts = [lay for _, _, lay in entries]
     # Under a mesh: sharded batch axes first (expert parallelism stays put).
     views = sharding_lib.owner_layouts(layouts, m_hats, sharding)
@@ -355,6 +355,7 @@ def orthogonalize_momentum(
       to_matrix_list(views, m_hats), orthogonalizer, sharding
     )
     outs = from_matrix_list(views, orthogonal)
+    outs = sharding_lib.keep_layout(outs, jax.tree.leaves(state.mu), sharding)
     if adaptive:  # the dual norm <Mt, O> per leaf, or per block of a split leaf
       dual = lambda _, m, o: jnp.sum(jnp.conj(m) * o) * o
       outs = [
@@ -377,6 +378,7 @@ def orthogonalize_momentum(
     new_state = OrthogonalizeMomentumState(
       count=count_inc, mu=optax.tree.cast(mu, mu_dtype), statistics=stats
     )
+    new_state = sharding_lib.keep_state_layout(new_state, state, sharding)
     return jax.tree.unflatten(treedef, outs), new_state
 
   # optax's OptState alias does not spell a None field (``statistics``), which
@@ -532,7 +534,7 @@ def scale_by_neuron_rms(
     out, nu = map_matrices(
       weight_dimension_numbers, where, fn, updates, state.nu, outputs=2
     )
-    return out, ScaleByNeuronRmsState(nu=nu)
+    return out, sharding_lib.keep_state_layout(ScaleByNeuronRmsState(nu=nu), state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -872,6 +874,11 @@ def scale_by_norm_adaptive(
       direction_state=direction_state,
       step_size_state=step_state,
     )
-    return out, new_state
+    # Under a mesh: the layouts of the step's inputs (see keep_state_layout).
+    out = jax.tree.unflatten(
+      jax.tree.structure(out),
+      sharding_lib.keep_layout(jax.tree.leaves(out), jax.tree.leaves(o_tree)),
+    )
+    return out, sharding_lib.keep_state_layout(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
