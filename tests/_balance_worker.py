@@ -132,6 +132,18 @@ def flops(compiled):
   return float(cost["flops"])
 
 
+def record(single, sharded, compiled, **extra):
+  """The largest difference of two trajectories, the sharded program's
+  collectives, and ``extra``."""
+  diff = max(
+    float(np.max(np.abs(a - b)))
+    for x, y in zip(single, sharded, strict=True)
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)
+  )
+  coll = hlo_collective_bytes(compiled.as_text(), N)
+  return {"diff": diff, "collectives": {k: v["count"] for k, v in coll.items()}} | extra
+
+
 def compare(result, case, mesh, dims, params, grads, shardings, sharding):
   for name in ALIASES:
     single, (single_c, _) = trajectory(make(name, dims, None), params, grads)
@@ -139,18 +151,10 @@ def compare(result, case, mesh, dims, params, grads, shardings, sharding):
       sharded, (compiled, moved) = trajectory(
         make(name, dims, sharding), params, grads, shardings
       )
-    diff = max(
-      float(np.max(np.abs(a - b)))
-      for x, y in zip(single, sharded, strict=True)
-      for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)
+    ratio = flops(compiled) / (flops(single_c) / N)
+    result[f"{case}/{name}"] = record(
+      single, sharded, compiled, flops_ratio=ratio, moved=moved
     )
-    hlo = compiled.as_text()
-    result[f"{case}/{name}"] = {
-      "diff": diff,
-      "collectives": {k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()},
-      "flops_ratio": flops(compiled) / (flops(single_c) / N),
-      "moved": moved,
-    }
 
 
 def hugging_face_llama(result):
@@ -249,17 +253,10 @@ def flax_nnx_scan(result):
   for name in ALIASES:
     single, _ = train(name, one, None)
     sharded, compiled = train(name, mesh, optax_orth.OwnerSharding(split_min_flops=0))
-    diff = max(
-      float(np.max(np.abs(a - b)))
-      for s, t in zip(single, sharded, strict=True)
-      for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(t), strict=True)
+    # flops_ratio: None, the program is the whole train step, not the update.
+    result[f"nnx_scan/fsdp8/{name}"] = record(
+      single, sharded, compiled, flops_ratio=None
     )
-    hlo = compiled.as_text()
-    result[f"nnx_scan/fsdp8/{name}"] = {
-      "diff": diff,
-      "collectives": {k: v["count"] for k, v in hlo_collective_bytes(hlo, N).items()},
-      "flops_ratio": None,  # the whole train step, not the update alone
-    }
 
 
 def main(path):

@@ -684,6 +684,7 @@ def _split_owner(
     ns = lambda x, pos: split_lib.split_newton_schulz(
       x, plan.opts, plan.method, plan.restart, group, pos
     )
+  compiler_moved = False  # the third layout below: the compiler moves pieces
   if c % n == 0 and (not rows or r % n):  # columns over the owner devices
     x = jnp.pad(x, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
     in_spec = out_spec = P(None, None, None, everyone)
@@ -721,6 +722,7 @@ def _split_owner(
     # with a layout JAX cannot state on the original mesh).
     in_spec = out_spec = P(everyone)
     local = lambda block, pos: ns(block[0], pos[0])[None]
+    compiler_moved = True
 
   run = jax.shard_map(local, mesh=sub, in_specs=(in_spec, P(group)), out_specs=out_spec)
   context = jax.sharding.get_abstract_mesh()
@@ -729,7 +731,7 @@ def _split_owner(
       y = run(x, position)
   else:
     y = run(x, position)
-  if in_spec == P(everyone):  # back from device j P + p to (P, Q, r, c)
+  if compiler_moved:  # back from device j P + p to (P, Q, r, c)
     y = _staged(_constrain(y, mesh, axes), mesh, axes, False)
     y = y.reshape(g, groups, q_total, rp, cg).transpose(1, 2, 3, 0, 4)
     y = y.reshape(groups, q_total, rp, cp)

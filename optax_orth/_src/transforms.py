@@ -856,6 +856,11 @@ def scale_by_norm_adaptive(
       raw, state.step_size_state, None, matrix_step_sizes=True
     )
     _check_step_sizes(d, raw)
+    # Under a mesh: this block's state in the layouts it came in with (the
+    # direction's state is kept by the direction; see keep_state_layout).
+    nu, d, raw = sharding_lib.keep_state_layout(
+      (nu, d, raw), (state.nu, state.step_size, state.raw_step_size)
+    )
     lr = validation.at_step(learning_rate, state.count)
     caps = (scale_coeff, weight_decay, weight_decay_mode, lr, cautious_weight_decay)
     if decays:
@@ -874,11 +879,11 @@ def scale_by_norm_adaptive(
       direction_state=direction_state,
       step_size_state=step_state,
     )
-    # Under a mesh: the layouts of the step's inputs (see keep_state_layout).
+    # Under a mesh: the updates in the layouts of the direction's.
     out = jax.tree.unflatten(
       jax.tree.structure(out),
       sharding_lib.keep_layout(jax.tree.leaves(out), jax.tree.leaves(o_tree)),
     )
-    return out, sharding_lib.keep_state_layout(new_state, state)
+    return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
